@@ -1,0 +1,3 @@
+from pdsn_cli.cli import main
+
+main()

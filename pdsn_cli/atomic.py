@@ -1,0 +1,82 @@
+"""Write outputs so that nothing partial ever appears under the final name.
+
+A job writes to ``<final>.partial``; on success the file is fsynced and renamed over the final name
+(``os.replace`` is atomic on POSIX). On failure the partial file is removed, except when the job asks
+to keep it for ``--resume`` (interruption).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+from pdsn_cli.errors import BadInputError, JobFailed
+
+
+def partial_path(final: str | os.PathLike) -> Path:
+    final = Path(final)
+    return final.with_name(final.name + ".partial")
+
+
+def check_writable(final: str | os.PathLike) -> Path:
+    """Refuse an output path whose folder is missing or read-only, before any work starts."""
+    final = Path(final)
+    folder = final.parent if str(final.parent) else Path(".")
+    if not folder.is_dir():
+        raise BadInputError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInputError(f"output folder is not writable: {folder}")
+    if final.is_dir():
+        raise BadInputError(f"output path is a folder: {final}")
+    return final
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """fsync ``tmp``, rename it to ``final`` and fsync the folder so the rename survives a crash."""
+    fsync_file(tmp)
+    os.replace(tmp, final)
+    with contextlib.suppress(OSError):
+        fd = os.open(Path(final).parent or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(final: str | os.PathLike, keep_partial_on_interrupt: bool = False):
+    """Yield a temp path to write; commit it to ``final`` when the block succeeds.
+
+    On KeyboardInterrupt the partial file is kept (if asked) so that ``--resume`` can continue;
+    on any other error it is removed and the previous ``final`` stays untouched.
+    """
+    final = Path(final)
+    tmp = partial_path(final)
+    try:
+        yield tmp
+        commit(tmp, final)
+    except KeyboardInterrupt:
+        if not keep_partial_on_interrupt:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if e.errno == errno.ENOSPC:
+            raise JobFailed(f"disk full while writing {final} ({final} left as it was)") from e
+        raise
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

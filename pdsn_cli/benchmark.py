@@ -1,0 +1,296 @@
+"""``pdsn benchmark``: verification accuracy, baseline trunk vs PDSN, clean and occluded.
+
+Protocol (LFW View 2, or the built-in synthetic set): 10 folds, threshold chosen on 9 and tested on the 10th.
+For an occlusion, the *second* image of every pair is occluded (seeded per pair: every method sees the same
+images). PDSN: the occluded blocks of that image (``oracle``: from the known occlusion mask; ``detector``: from
+the trained detector) select the dictionary entries, whose AND is applied to the features of *both* images
+(the paper's protocol), which are then embedded by the trunk head and compared by cosine similarity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pdsn_cli.chips import AlignReport, ChipCache, DataSpec, chips_from_arrays, default_cache_dir
+from pdsn_cli.chips_h5 import Chips
+from pdsn_cli.device import resolve_device
+from pdsn_cli.errors import BadInputError
+from pdsn_cli.faces import FaceItem
+from pdsn_cli.features import embed_features, extract_features
+from pdsn_cli.models import build_trunk
+from pdsn_cli.verification import plot_roc, roc_curve, summarize
+
+
+@dataclass
+class VerificationSet:
+    name: str
+    chips: Chips  # the distinct images of the protocol
+    i1: np.ndarray
+    i2: np.ndarray
+    same: np.ndarray
+    fold: np.ndarray
+    report: AlignReport = field(default_factory=AlignReport)
+    dropped_pairs: int = 0
+
+
+def lfw_set(root: Path, pairs_file: Path | None, template: str, limit_pairs: int | None, workers: int = 1,
+            cache_dir: Path | None = None, progress=None) -> VerificationSet:
+    from pdsn_cli.lfw import limit_pairs as limit, read_pairs
+
+    pairs_file = pairs_file or Path(root) / "pairs.txt"
+    if not Path(pairs_file).is_file():
+        raise BadInputError(f"pairs file not found: {pairs_file}")
+    pairs = read_pairs(pairs_file, root)
+    if limit_pairs:
+        pairs = limit(pairs, limit_pairs)
+    paths = sorted({p.path1 for p in pairs} | {p.path2 for p in pairs})
+    cache = ChipCache(root, template, cache_dir)
+    rep = cache.ensure([FaceItem(p, p.split("/")[0]) for p in paths], workers=workers, progress=progress)
+    bad = {s.path for s in rep.skipped}
+    good = [p for p in paths if p not in bad]
+    chips = cache.load(good)
+    pos = {p: i for i, p in enumerate(good)}
+    kept = [p for p in pairs if p.path1 in pos and p.path2 in pos]
+    return VerificationSet(
+        "lfw", chips, np.array([pos[p.path1] for p in kept]), np.array([pos[p.path2] for p in kept]),
+        np.array([p.same for p in kept]), np.array([p.fold for p in kept]), rep, len(pairs) - len(kept),
+    )
+
+
+def synthetic_set(template: str, identities: int = 40, images: int = 6, seed: int = 1000,
+                  pairs_per_fold: int = 60) -> VerificationSet:
+    """A 10-fold verification protocol on synthetic identities generated with their own seed, disjoint from
+    the default training identities (seed 0), labelled synthetic everywhere."""
+    from pdsn_cli.align import align_with_points
+    from pdsn_cli.synthetic import synthetic_faces
+
+    faces = list(synthetic_faces(identities, images, seed=seed))
+    aligned = [align_with_points(f.image, f.landmarks, f.dlib5, template) for f in faces]
+    ids = [f.identity for f in faces]
+    chips = chips_from_arrays(np.stack([a[0] for a in aligned]), np.stack([a[1] for a in aligned]), ids,
+                              [f.source for f in faces], np.full(len(faces), 2), template, True)
+    rng = np.random.default_rng(seed)
+    by_id = [np.flatnonzero(chips.label == c) for c in range(len(chips.identity))]
+    i1, i2, same, fold = [], [], [], []
+    half = pairs_per_fold // 2
+    id_folds = np.array_split(rng.permutation(len(by_id)), 10)  # identities disjoint across folds, like LFW
+    for k, ids_k in enumerate(id_folds):
+        for s in (True, False):
+            for _ in range(half):
+                if s:
+                    c = rng.choice(ids_k)
+                    a, b = rng.choice(by_id[c], 2, replace=False)
+                else:
+                    c1, c2 = rng.choice(ids_k, 2, replace=False)
+                    a, b = rng.choice(by_id[c1]), rng.choice(by_id[c2])
+                i1.append(a), i2.append(b), same.append(s), fold.append(k)
+    return VerificationSet("synthetic", chips, np.array(i1), np.array(i2), np.array(same), np.array(fold),
+                           AlignReport(images=len(faces), aligned_now=len(faces)))
+
+
+# ---- occluding the second image of every pair ---------------------------------------------------------------
+def parse_occlusions(spec: list[str], grid: int) -> list[str]:
+    """``none``, occluder kinds, ``block`` (every block, one variant each) or ``block:J``."""
+    from pdsn_cli.occluders import OCCLUDERS
+
+    out: list[str] = []
+    for s in spec:
+        if s in ("none", "clean"):
+            out.append("none")
+        elif s == "block":
+            out += [f"block:{j}" for j in range(grid * grid)]
+        elif s.startswith("block:"):
+            try:
+                j = int(s.split(":", 1)[1])
+            except ValueError:
+                raise BadInputError(f"bad occlusion {s!r}: use block:J") from None
+            if not 0 <= j < grid * grid:
+                raise BadInputError(f"block {j} is outside the {grid}×{grid} grid")
+            out.append(s)
+        elif s in OCCLUDERS:
+            out.append(s)
+        else:
+            raise BadInputError(f"unknown occlusion {s!r}; use none, block, block:J or one of {', '.join(OCCLUDERS)}")
+    return list(dict.fromkeys(out))
+
+
+def occlude_second(vs: VerificationSet, variant: str, grid: int, seed: int):
+    """Occluded copies of the second image of every pair, and their K×K occupancy (zeros for 'none')."""
+    from pdsn_cli.occluders import occlude
+
+    chips = vs.chips.image[vs.i2].copy()
+    occ = np.zeros((len(vs.i2), grid, grid), np.float32)
+    if variant == "none":
+        return chips, occ
+    kind, block = ("block", int(variant.split(":")[1])) if variant.startswith("block:") else (variant, None)
+    vkey = int(hashlib.sha1(variant.encode()).hexdigest()[:8], 16)
+    for n, i in enumerate(vs.i2):
+        rng = np.random.default_rng([seed, vkey, n])
+        o = occlude(vs.chips.image[i], vs.chips.landmarks[i], kind, rng, grid=grid, block=block)
+        chips[n] = o.image
+        occ[n] = o.blocks
+    return chips, occ
+
+
+def mirror_blocks(blocks: np.ndarray) -> np.ndarray:
+    """Occupancy of the horizontally flipped image: block (r, c) ↔ (r, K−1−c)."""
+    return blocks[..., ::-1]
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+@dataclass
+class BenchmarkConfig:
+    dataset: str = "lfw"  # lfw | synthetic
+    data_dir: Path | None = None
+    pairs_file: Path | None = None
+    trunk: str = "dlib-resnet"
+    weights: str | None = None
+    dict_path: Path | None = None
+    occlusions: list[str] = field(default_factory=lambda: ["none"])
+    occlusion_source: str = "oracle"  # oracle | detector
+    detector: Path | None = None
+    block_threshold: float = 0.25
+    limit_pairs: int | None = None
+    flip: bool = False
+    seed: int = 0
+    gpu: int | None = None
+    batch_size: int = 64
+    workers: int = 1
+    plot: Path | None = None
+    cache_dir: Path | None = None
+
+
+def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
+    from pdsn_cli import fdm as fdm_mod
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.gpu)
+    if cfg.occlusion_source not in ("oracle", "detector"):
+        raise BadInputError(f"--occlusion must be oracle or detector, got {cfg.occlusion_source!r}")
+    if not 0 < cfg.block_threshold <= 1:
+        raise BadInputError(f"--block-threshold must be in (0, 1], got {cfg.block_threshold}")
+    trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
+    point = trunk.default_mask_point
+    dictionary = None
+    if cfg.dict_path is not None:
+        dictionary = fdm_mod.load(cfg.dict_path)
+        dictionary.check_for(trunk.name, dictionary.mask_point, cfg.dict_path)
+        point = trunk.check_point(dictionary.mask_point)
+    grid = dictionary.grid if dictionary else 5
+    variants = parse_occlusions(cfg.occlusions, grid)
+    detector = None
+    if cfg.occlusion_source == "detector":
+        if cfg.detector is None:
+            raise BadInputError("--occlusion detector needs --detector FILE (pdsn train-detector)")
+        from pdsn_cli.detector import OcclusionDetector
+
+        detector = OcclusionDetector.load(cfg.detector)
+    if cfg.plot is not None:
+        from pdsn_cli.atomic import check_writable
+
+        check_writable(cfg.plot)
+
+    stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
+    if cfg.dataset == "lfw":
+        if cfg.data_dir is None:
+            raise BadInputError("--dataset lfw needs --data-dir (the folder with lfw/<name>/*.jpg and pairs.txt)")
+        vs = lfw_set(cfg.data_dir, cfg.pairs_file, trunk.template, cfg.limit_pairs, cfg.workers, cfg.cache_dir,
+                     progress=stage("align"))
+    elif cfg.dataset == "synthetic":
+        vs = synthetic_set(trunk.template)
+    else:
+        raise BadInputError(f"unknown dataset {cfg.dataset!r} for verification; use lfw or synthetic")
+
+    feats = extract_features(trunk, vs.chips.image, point, cfg.batch_size, device, flip=cfg.flip,
+                             progress=stage("features"))
+    rows, curves, grid_rows = [], {}, {}
+    for vi, variant in enumerate(variants):
+        occ_chips, occ = occlude_second(vs, variant, grid, cfg.seed)
+        f2 = feats[vs.i2] if variant == "none" else extract_features(
+            trunk, occ_chips, point, cfg.batch_size, device, flip=cfg.flip)
+        f1 = feats[vs.i1]
+        base = _scores(trunk, f1, f2, point, None, device)
+        results = {"baseline": base}
+        if dictionary is not None:
+            if detector is not None:
+                blocks = detector.predict(occ_chips) >= cfg.block_threshold
+            else:
+                blocks = occ >= cfg.block_threshold
+            masks, empty = _masks(dictionary, blocks, cfg.flip)
+            results["pdsn"] = _scores(trunk, f1, f2, point, masks, device)
+            occluded_frac = float(blocks.reshape(len(blocks), -1).mean())
+        for method, s in results.items():
+            r = summarize(s, vs.same, vs.fold)
+            row = {"method": method, "occlusion": variant, "accuracy": r["accuracy"], "std": r["std"],
+                   "tar_at_far_1e-3": r["tar_at_far_1e-3"], "auc": r["auc"]}
+            if method == "pdsn":
+                row.update(occlusion_source=cfg.occlusion_source, blocks_marked=occluded_frac,
+                           all_discarded_fallbacks=empty)
+            rows.append(row)
+            if not variant.startswith("block:"):
+                fpr, tpr, _ = roc_curve(s, vs.same)
+                curves[f"{method} / {variant}"] = (fpr, tpr)
+        if progress:
+            progress("occlusions", vi + 1, len(variants))
+    _add_block_summary(rows)
+    _add_recovery(rows)
+    if cfg.plot is not None and curves:
+        plot_roc(curves, cfg.plot, title=f"{vs.name} — {trunk.name}")
+    return {
+        "dataset": vs.name + (" (SYNTHETIC)" if vs.chips.synthetic else ""),
+        "trunk": trunk.name,
+        "mask_point": point,
+        "dictionary": str(cfg.dict_path) if cfg.dict_path else None,
+        "occlusion_source": cfg.occlusion_source if dictionary is not None else None,
+        "pairs": int(len(vs.same)),
+        "dropped_pairs": vs.dropped_pairs,
+        "images": len(vs.chips),
+        "flip": cfg.flip,
+        "align": vs.report.as_dict() | {"several_faces": vs.report.several_faces},
+        "results": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _masks(dictionary, blocks: np.ndarray, flip: bool):
+    masks, empty = dictionary.combine(blocks)
+    if flip:  # the mirrored view's occlusion is the mirrored block set
+        mm, _ = dictionary.combine(mirror_blocks(blocks.reshape(len(blocks), dictionary.grid, dictionary.grid)))
+        masks = np.stack([masks, mm], axis=1)
+    return masks, empty
+
+
+def _scores(trunk, f1, f2, point, masks, device) -> np.ndarray:
+    e1 = embed_features(trunk, f1, point, masks, device=device)
+    e2 = embed_features(trunk, f2, point, masks, device=device)
+    return (e1 * e2).sum(1)
+
+
+def _add_block_summary(rows: list[dict]) -> None:
+    """The mean over single-block variants, per method (the issue's 'mean over the K² blocks')."""
+    for method in dict.fromkeys(r["method"] for r in rows):
+        b = [r for r in rows if r["method"] == method and r["occlusion"].startswith("block:")]
+        if len(b) > 1:
+            rows.append({"method": method, "occlusion": "block:mean",
+                         "accuracy": float(np.mean([r["accuracy"] for r in b])),
+                         "std": float(np.mean([r["std"] for r in b])),
+                         "tar_at_far_1e-3": float(np.mean([r["tar_at_far_1e-3"] for r in b])),
+                         "auc": float(np.mean([r["auc"] for r in b]))})
+
+
+def _add_recovery(rows: list[dict]) -> None:
+    """recovery = (PDSN − baseline_occluded) / (baseline_clean − baseline_occluded), when a clean row exists."""
+    clean = next((r["accuracy"] for r in rows if r["method"] == "baseline" and r["occlusion"] == "none"), None)
+    if clean is None:
+        return
+    base = {r["occlusion"]: r["accuracy"] for r in rows if r["method"] == "baseline"}
+    for r in rows:
+        if r["method"] == "pdsn" and r["occlusion"] != "none":
+            lost = clean - base[r["occlusion"]]
+            r["recovery"] = float((r["accuracy"] - base[r["occlusion"]]) / lost) if lost > 1e-9 else None

@@ -1,0 +1,401 @@
+"""The ``pdsn`` command line: parses options, calls the engine, renders the result. No work happens here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pdsn_cli import __version__
+from pdsn_cli.errors import EXIT_INTERRUPTED, EXIT_SKIPPED, PdsnError
+
+app = typer.Typer(
+    name="pdsn",
+    help="Occlusion-robust face recognition with Pairwise Differential Siamese Networks (PDSN, ICCV 2019).\n\n"
+    "Pipeline: make-pairs → train-block → build-dict → benchmark. Without --data-dir every command uses the "
+    "built-in SYNTHETIC faces, so everything runs on a fresh machine.\n\n"
+    "Exit codes: 0 ok · 2 bad arguments/input (nothing written) · 3 done but some inputs skipped · "
+    "4 job failed · 130 interrupted (rerun with --resume).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"pdsn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+@contextlib.contextmanager
+def handled(resume_hint: str | None = None):
+    """One readable line and the documented exit code for every failure the user can act on."""
+    try:
+        yield
+    except PdsnError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        msg = "interrupted."
+        if resume_hint:
+            msg += f" Partial work is kept; continue with: {resume_hint}"
+        console.print(f"[yellow]{msg}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+class Bars:
+    """Rich progress bars keyed by task name; ``bars.cb(name)`` gives an engine-side callback(done, total)."""
+
+    def __init__(self, quiet: bool = False):
+        self.p = Progress(
+            TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet, transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *a):
+        return self.p.__exit__(*a)
+
+    def cb(self, name: str):
+        def update(done, total):
+            if name not in self.tasks:
+                self.tasks[name] = self.p.add_task(name, total=total)
+            self.p.update(self.tasks[name], completed=done, total=total)
+
+        return update
+
+    def multi(self):
+        """A callback(name, done, total) that opens one bar per stage name."""
+        return lambda name, done, total: self.cb(name)(done, total)
+
+
+def write_json(path: Optional[Path], payload: dict) -> None:
+    if path is None:
+        return
+    from pdsn_cli.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def kv_table(title: str, rows: dict) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows.items():
+        t.add_row(k, str(v))
+    return t
+
+
+def skipped_table(skipped: list[dict], limit: int = 20) -> Table:
+    t = Table(title=f"skipped files ({len(skipped)})", title_justify="left")
+    t.add_column("file")
+    t.add_column("reason")
+    for s in skipped[:limit]:
+        t.add_row(s["path"], s["reason"])
+    if len(skipped) > limit:
+        t.add_row(f"… {len(skipped) - limit} more (see --json)", "")
+    return t
+
+
+def work_dir() -> Path:
+    """Where commands put and find their outputs when no path is given (``$PDSN_WORK``, default ./pdsn-work)."""
+    import os
+
+    return Path(os.environ.get("PDSN_WORK", "pdsn-work"))
+
+
+def default_path(given: Optional[Path], name: str) -> Path:
+    if given is not None:
+        return given
+    p = work_dir() / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def data_spec(data_dir: Optional[Path], synthetic_identities: int, synthetic_images: int, synthetic_seed: int = 0):
+    from pdsn_cli.chips import DataSpec
+
+    return DataSpec(data_dir, synthetic_identities, synthetic_images, synthetic_seed)
+
+
+DATA_DIR = typer.Option(None, "--data-dir", help="Identity-folder dataset root/<identity>/<image> (LFW, CASIA-WebFace, ...). Default: built-in synthetic faces.")
+SYN_IDS = typer.Option(60, "--synthetic-identities", help="Built-in synthetic set: number of identities.")
+SYN_IMGS = typer.Option(10, "--synthetic-images", help="Built-in synthetic set: images per identity.")
+JSON_OUT = typer.Option(None, "--json", help="Also write the result as JSON to this file.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+@app.command("make-pairs", epilog="""Examples:
+
+    pdsn make-pairs --occluder sunglasses --limit 50 --out pairs.h5
+
+    pdsn make-pairs --block all --data-dir ../shared/data/lfw --identities train_ids.txt --out blocks.h5
+
+    pdsn make-pairs --occluder random --per-image 4 --preview sheet.png --out random.h5
+""")
+def make_pairs_cmd(
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Output HDF5 file, written atomically (default: pdsn-work/pairs-<occluder>.h5)."),
+    occluder: Optional[str] = typer.Option(None, "--occluder", help="sunglasses, eyeglasses, scarf, mask, hand, phone, cup, book or random."),
+    block: Optional[str] = typer.Option(None, "--block", help="Occlude grid block J (0..K²-1, row-major) or 'all' (every block)."),
+    grid: int = typer.Option(5, "--grid", help="K of the K×K grid."),
+    template: str = typer.Option("dlib150", "--template", help="dlib150 | arc112x96 | arc112x112"),
+    per_image: int = typer.Option(1, "--per-image", help="Pairs per source image (per block with --block all)."),
+    data_dir: Optional[Path] = DATA_DIR,
+    identities: Optional[Path] = typer.Option(None, "--identities", help="File with one identity per line: use only these."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use a seeded sample of N images."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(1, "--workers", help="Processes for alignment and occlusion."),
+    append: bool = typer.Option(False, "--append", help="Add rows to an existing pairs file with the same schema."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (same options)."),
+    preview: Optional[Path] = typer.Option(None, "--preview", help="Write a contact sheet PNG of the first pairs."),
+    synthetic_identities: int = SYN_IDS,
+    synthetic_images: int = SYN_IMGS,
+    json_path: Optional[Path] = JSON_OUT,
+    quiet: bool = QUIET,
+):
+    """Synthesize (clean, occluded) face pairs with pixel masks and block occupancy, to HDF5."""
+    from pdsn_cli.make_pairs import MakePairsConfig, make_pairs
+
+    tag = occluder or ("random" if block is None else "blocks" if block == "all" else f"block{block}")
+    out_path = default_path(out_path, f"pairs-{tag}.h5")
+    cfg = MakePairsConfig(
+        out=out_path, data=data_spec(data_dir, synthetic_identities, synthetic_images), occluder=occluder,
+        block=block, grid=grid, template=template, per_image=per_image, identities=identities, limit=limit,
+        seed=seed, workers=workers, append=append, resume=resume, preview=preview,
+    )
+    argv = " ".join(sys.argv[1:])
+    with handled(resume_hint=f"pdsn {argv} --resume" if "--resume" not in argv else f"pdsn {argv}"):
+        if json_path is not None:
+            from pdsn_cli.atomic import check_writable
+
+            check_writable(json_path)
+        with Bars(quiet) as bars:
+            res = make_pairs(cfg, progress=bars.cb("pairs"), align_progress=bars.cb("align"))
+        write_json(json_path, res)
+    al = res["align"]
+    rows = {
+        "output": res["out"],
+        "data": res["data"],
+        "template / grid": f"{res['template']} / {res['grid']}×{res['grid']}",
+        "occluder": res["occluder"] + ("  (" + ", ".join(f"{k}: {v}" for k, v in sorted(res["kinds"].items())) + ")" if res["kinds"] else ""),
+        "images / identities": f"{res['images']} / {res['identities']}",
+        "pairs written": res["pairs_written"] if not res["resumed_from"] else f"{res['pairs_written']} (resumed after {res['resumed_from']})",
+        "pairs in file": res["pairs_in_file"],
+        "mean occluded area": f"{res['mean_occluded_fraction']:.1%}",
+        "aligned now / cached": f"{al['aligned_now']} / {al['from_cache']}",
+        "fallback crops (no face found)": al["fallback_crops"],
+        "skipped files": al["skipped"],
+        "speed": f"{res['pairs_per_second']} pairs/s (alignment {res['align_seconds']} s)",
+    }
+    if res["synthetic"]:
+        rows["note"] = "SYNTHETIC faces (built-in default); use --data-dir for real photos"
+    if res["preview"]:
+        rows["preview"] = res["preview"]
+    out.print(kv_table("make-pairs", rows))
+    if al["skipped_files"]:
+        out.print(skipped_table(al["skipped_files"]))
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+TRUNK = typer.Option("dlib-resnet", "--trunk", help="dlib-resnet | lresnet50e-ir | iresnet50 | iresnet100 | tiny")
+WEIGHTS = typer.Option(None, "--weights", help="Trunk weights file (.pth/.pt/.safetensors; dlib-resnet: built in).")
+GPU = typer.Option(None, "--gpu", help="CUDA device index; default CPU.")
+
+
+@app.command("train-block", epilog="""Examples:
+
+    pdsn train-block --block all
+
+    pdsn train-block --block 7 --gpu 0 --pairs pdsn-work/pairs-blocks.h5
+
+    pdsn train-block --block all --mask-point level1 --epochs 20 --out runs/blocks.pt
+""")
+def train_block_cmd(
+    block: str = typer.Option("all", "--block", help="Grid block J (0..K²-1) or 'all' (every block in one batched pass)."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs file from make-pairs --block (default: pdsn-work/pairs-blocks.h5)."),
+    trunk: str = TRUNK,
+    weights: Optional[str] = WEIGHTS,
+    mask_point: Optional[str] = typer.Option(None, "--mask-point", help="Trunk stage whose features are masked (default: the trunk's)."),
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Pairs per block per step."),
+    lr: float = typer.Option(0.01, "--lr"),
+    lam: float = typer.Option(10.0, "--lambda", help="Weight of the L1 pair-difference term."),
+    s: float = typer.Option(30.0, "--scale", help="CosFace scale s."),
+    m: float = typer.Option(0.35, "--margin", help="CosFace margin m."),
+    seed: int = typer.Option(0, "--seed"),
+    gpu: Optional[int] = GPU,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Output (default: pdsn-work/blocks/<block>.pt)."),
+    json_path: Optional[Path] = JSON_OUT,
+    quiet: bool = QUIET,
+):
+    """Train the PDSN mask generator(s) of one grid block or of all blocks at once."""
+    from pdsn_cli.pdsn import TrainBlockConfig, train_blocks
+
+    pairs = pairs or work_dir() / "pairs-blocks.h5"
+    tag = "all" if block == "all" else f"block{int(block):02d}" if block.isdigit() else block
+    out_path = default_path(out_path, f"blocks/{tag}.pt")
+    cfg = TrainBlockConfig(pairs=pairs, out=out_path, trunk=trunk, weights=weights, block=block,
+                           mask_point=mask_point, epochs=epochs, batch_size=batch_size, lr=lr, lam=lam, s=s, m=m,
+                           seed=seed, gpu=gpu, resume=resume)
+    argv = " ".join(sys.argv[1:])
+    with handled(resume_hint=f"pdsn {argv} --resume"):
+        with Bars(quiet) as bars:
+            res = train_blocks(cfg, progress=bars.multi())
+        write_json(json_path, res)
+    h = res["history"][-1] if res["history"] else {}
+    out.print(kv_table("train-block", {
+        "output": res["out"], "trunk / mask point": f"{res['trunk']} / {res['mask_point']} {tuple(res['feature_shape'])}",
+        "blocks": "all" if len(res["blocks"]) > 1 else res["blocks"][0], "pairs / identities": f"{res['pairs']} / {res['classes']}",
+        "epochs / steps": f"{res['epochs']} / {res['steps']}",
+        "final loss (CE, L1)": f"{h.get('loss', float('nan')):.4f} ({h.get('ce', float('nan')):.4f}, {h.get('l1', float('nan')):.5f})",
+        "time (features, training)": f"{res['feature_seconds']} s, {res['train_seconds']} s",
+    }))
+
+
+@app.command("build-dict", epilog="""Examples:
+
+    pdsn build-dict
+
+    pdsn build-dict --blocks runs/blocks.pt --tau 0.3 --plot dict.png --out dict.h5
+""")
+def build_dict_cmd(
+    blocks: Optional[list[Path]] = typer.Option(None, "--blocks", help="train-block outputs or folders of them (default: pdsn-work/blocks/)."),
+    tau: float = typer.Option(0.25, "--tau", help="Fraction of each block's mask set to 0 (discarded)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Dictionary HDF5 (default: pdsn-work/dict.h5)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG showing each block's discarded elements."),
+    json_path: Optional[Path] = JSON_OUT,
+):
+    """Average each block's masks over its training pairs and binarise them: the FDM dictionary."""
+    from pdsn_cli.fdm import build
+
+    out_path = default_path(out_path, "dict.h5")
+    with handled():
+        res = build(blocks or [work_dir() / "blocks"], out_path, tau=tau, plot=plot)
+        write_json(json_path, res)
+    d = res["discarded_per_block"]
+    out.print(kv_table("build-dict", {
+        "output": res["out"], "trunk / mask point": f"{res['trunk']} / {res['mask_point']} {tuple(res['feature_shape'])}",
+        "grid / τ": f"{res['grid']}×{res['grid']} / {res['tau']}", "blocks trained": res["blocks_trained"],
+        "missing blocks (keep all)": res["missing_blocks"] or "none",
+        "discarded elements per block": f"{min(d)}–{max(d)}",
+        "mean overlap of discarded sets (IoU)": "n/a" if res["mean_pairwise_discard_iou"] is None else f"{res['mean_pairwise_discard_iou']:.3f}",
+        **({"plot": res["plot"]} if res["plot"] else {}),
+    }))
+
+
+def results_table(res: dict) -> Table:
+    t = Table(title=f"{res['dataset']} — {res['trunk']} @ {res['mask_point']}, {res['pairs']} pairs"
+              + (f", PDSN occlusion: {res['occlusion_source']}" if res.get("occlusion_source") else ""),
+              title_justify="left")
+    for c in ("occlusion", "method", "accuracy", "± std", "TAR@FAR=1e-3", "AUC", "recovery"):
+        t.add_column(c, justify="left" if c in ("occlusion", "method") else "right")
+    for r in res["results"]:
+        rec = r.get("recovery")
+        t.add_row(r["occlusion"], r["method"], f"{100 * r['accuracy']:.2f}%", f"{100 * r['std']:.2f}",
+                  f"{100 * r['tar_at_far_1e-3']:.2f}%", f"{r['auc']:.4f}", "" if rec is None else f"{rec:.2f}")
+    return t
+
+
+def block_grid_table(res: dict) -> Optional[Table]:
+    rows = {(r["method"], r["occlusion"]): r["accuracy"] for r in res["results"]}
+    blocks = sorted({int(o.split(":")[1]) for _, o in rows if o.startswith("block:") and o != "block:mean"})
+    if len(blocks) < 2:
+        return None
+    k = int(round(len(blocks) ** 0.5))
+    has_pdsn = any(m == "pdsn" for m, _ in rows)
+    t = Table(title="single-block occlusion, accuracy per grid block: baseline" + (" → PDSN" if has_pdsn else ""),
+              title_justify="left", show_header=False)
+    for _ in range(k):
+        t.add_column(justify="center")
+    for r in range(k):
+        cells = []
+        for c in range(k):
+            j = r * k + c
+            b = rows.get(("baseline", f"block:{j}"))
+            p = rows.get(("pdsn", f"block:{j}"))
+            cells.append(f"{j}: {100 * b:.1f}" + (f" → {100 * p:.1f}" if p is not None else ""))
+        t.add_row(*cells)
+    return t
+
+
+@app.command("benchmark", epilog="""Examples:
+
+    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --json r.json
+
+    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --dict pdsn-work/dict.h5 --occluder sunglasses --occluder scarf
+
+    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --occluder block --limit-pairs 600
+
+    pdsn benchmark --dataset synthetic --trunk tiny --weights trunk.pt --dict dict.h5 --occluder random
+""")
+def benchmark_cmd(
+    dataset: str = typer.Option("lfw", "--dataset", help="lfw (View-2 10-fold) | synthetic (built-in)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="LFW root: <name>/<name>_NNNN.jpg and pairs.txt."),
+    pairs_file: Optional[Path] = typer.Option(None, "--pairs-file", help="Default: DATA_DIR/pairs.txt"),
+    trunk: str = TRUNK,
+    weights: Optional[str] = WEIGHTS,
+    dict_path: Optional[Path] = typer.Option(None, "--dict", help="FDM dictionary (build-dict): adds PDSN rows next to the baseline."),
+    occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="Occlusion of the 2nd image: none, sunglasses, scarf, mask, random, ..., block (all K² blocks) or block:J. Repeatable."),
+    occlusion: str = typer.Option("oracle", "--occlusion", help="How PDSN learns the occluded blocks: oracle | detector"),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector checkpoint (train-detector) for --occlusion detector."),
+    block_threshold: float = typer.Option(0.25, "--block-threshold", help="Occupancy above which a block counts as occluded."),
+    limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs", help="Quick run: N pairs, whole folds kept balanced."),
+    flip: bool = typer.Option(False, "--flip", help="Test-time flip: sum the embeddings of the chip and its mirror."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the occlusions (the same images for every method)."),
+    gpu: Optional[int] = GPU,
+    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(1, "--workers", help="Processes for face alignment (cached after the first run)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="ROC curves PNG."),
+    json_path: Optional[Path] = JSON_OUT,
+    quiet: bool = QUIET,
+):
+    """Verification accuracy (10-fold), baseline vs PDSN, on clean and occluded pairs."""
+    from pdsn_cli.benchmark import BenchmarkConfig, run_benchmark
+
+    cfg = BenchmarkConfig(dataset=dataset, data_dir=data_dir, pairs_file=pairs_file, trunk=trunk, weights=weights,
+                          dict_path=dict_path, occlusions=occluder or ["none"], occlusion_source=occlusion,
+                          detector=detector, block_threshold=block_threshold, limit_pairs=limit_pairs, flip=flip,
+                          seed=seed, gpu=gpu, batch_size=batch_size, workers=workers, plot=plot)
+    with handled():
+        if json_path is not None:
+            from pdsn_cli.atomic import check_writable
+
+            check_writable(json_path)
+        with Bars(quiet) as bars:
+            res = run_benchmark(cfg, progress=bars.multi())
+        write_json(json_path, res)
+    out.print(results_table(res))
+    g = block_grid_table(res)
+    if g is not None:
+        out.print(g)
+    out.print(f"{res['images']} images ({res['align']['fallback_crops']} without a detected face: centred crop), "
+              f"{res['dropped_pairs']} pairs dropped, {res['seconds']} s")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The Feature Discarding Mask dictionary: one binary mask per grid block, and their use at test time.
+
+``build`` merges train-block outputs (one ``--block all`` file or many ``--block J`` files), binarises each
+block's mean mask by zeroing its lowest fraction τ, and writes one HDF5 file (``pdsn_kind = "fdm-dict"``):
+
+- ``fdm``        bool    K²×C×H×W  1 = keep the feature element, 0 = discard it
+- ``mean_mask``  float32 K²×C×H×W  mean over the block's training pairs of the min-max scaled masks
+- ``trained``    bool    K²        blocks that had a trained generator (the others keep everything)
+- attrs: trunk, mask_point, template, grid, tau, sources (JSON list of train-block files)
+
+At test time the FDM of an image is the logical AND of the entries of its occluded blocks (all ones when none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pdsn_cli.atomic import atomic_output, check_writable
+from pdsn_cli.errors import BadInputError, SchemaError
+from pdsn_cli.h5util import open_checked, stamp
+
+KIND = "fdm-dict"
+SCHEMA = 1
+
+
+@dataclass
+class FdmDict:
+    fdm: np.ndarray  # bool K²×C×H×W
+    mean_mask: np.ndarray
+    trained: np.ndarray
+    trunk: str
+    mask_point: str
+    template: str
+    grid: int
+    tau: float
+
+    def combine(self, occluded: np.ndarray) -> tuple[np.ndarray, int]:
+        """occluded: bool N×K² (or N×K×K) → float32 N×C×H×W masks, and how many images lost every element
+        (those fall back to no mask, so their embedding stays defined)."""
+        occ = np.asarray(occluded, bool).reshape(len(occluded), -1)
+        if occ.shape[1] != self.grid**2:
+            raise BadInputError(f"occlusion has {occ.shape[1]} blocks, the dictionary a {self.grid}×{self.grid} grid")
+        out = np.ones((len(occ), *self.fdm.shape[1:]), bool)
+        for i, row in enumerate(occ):
+            for j in np.flatnonzero(row):
+                out[i] &= self.fdm[j]
+        empty = ~out.reshape(len(out), -1).any(1)
+        out[empty] = True
+        return out.astype(np.float32), int(empty.sum())
+
+    def check_for(self, trunk: str, mask_point: str, path="dictionary") -> None:
+        if self.trunk != trunk or self.mask_point != mask_point:
+            raise SchemaError(f"{path} was built for trunk {self.trunk} at {self.mask_point}, "
+                              f"not {trunk} at {mask_point}")
+
+
+def binarize(mean_mask: np.ndarray, tau: float) -> np.ndarray:
+    """Zero exactly the floor(τ·size) lowest elements (ties broken by position, so the count is exact)."""
+    flat = mean_mask.reshape(-1)
+    k = int(np.floor(tau * flat.size))
+    keep = np.ones(flat.size, bool)
+    keep[np.argsort(flat, kind="stable")[:k]] = False
+    return keep.reshape(mean_mask.shape)
+
+
+def block_files(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            files += sorted(q for q in p.glob("*.pt"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise BadInputError(f"no such file or folder: {p}")
+    if not files:
+        raise BadInputError("no train-block outputs (*.pt) found in " + ", ".join(map(str, inputs)))
+    return files
+
+
+def build(inputs: list[Path], out: Path, tau: float = 0.25, plot: Path | None = None) -> dict:
+    from pdsn_cli.pdsn import load_blocks_file
+
+    if not 0.0 < tau < 1.0:
+        raise BadInputError(f"--tau must be in (0, 1), got {tau}")
+    check_writable(out)
+    if plot is not None:
+        check_writable(plot)
+    files = block_files(inputs)
+    first = None
+    means: dict[int, np.ndarray] = {}
+    for path in files:
+        st = load_blocks_file(path)
+        key = {k: st[k] for k in ("trunk", "mask_point", "grid", "template", "feature_shape")}
+        if first is None:
+            first = key
+        elif key != first:
+            diff = ", ".join(f"{k}: {first[k]!r} vs {key[k]!r}" for k in key if key[k] != first[k])
+            raise SchemaError(f"{path} does not match the other block files ({diff})")
+        for k, j in enumerate(st["blocks"]):
+            means[int(j)] = st["mean_masks"][k].numpy()  # a later file overrides an earlier one
+    grid = int(first["grid"])
+    shape = tuple(first["feature_shape"])
+    mean = np.ones((grid * grid, *shape), np.float32)
+    fdm = np.ones((grid * grid, *shape), bool)
+    trained = np.zeros(grid * grid, bool)
+    for j, m in means.items():
+        mean[j] = m
+        fdm[j] = binarize(m, tau)
+        trained[j] = True
+    with atomic_output(out) as tmp:
+        with h5py.File(tmp, "w") as f:
+            stamp(f, KIND, SCHEMA, trunk=first["trunk"], mask_point=first["mask_point"],
+                  template=first["template"], grid=grid, tau=tau, sources=json.dumps([str(p) for p in files]))
+            f.create_dataset("fdm", data=fdm, compression="gzip")
+            f.create_dataset("mean_mask", data=mean, compression="gzip")
+            f.create_dataset("trained", data=trained)
+    d = load(out)
+    if plot is not None:
+        plot_dict(d, plot)
+    discarded = (~fdm.reshape(grid * grid, -1)).sum(1)
+    overlap = _mean_pairwise_iou(fdm[trained])
+    return {
+        "out": str(out), "trunk": first["trunk"], "mask_point": first["mask_point"], "grid": grid, "tau": tau,
+        "feature_shape": list(shape), "blocks_trained": int(trained.sum()), "missing_blocks":
+        [int(j) for j in np.flatnonzero(~trained)], "discarded_per_block": discarded.tolist(),
+        "mean_pairwise_discard_iou": overlap, "sources": [str(p) for p in files],
+        "plot": str(plot) if plot else None,
+    }
+
+
+def _mean_pairwise_iou(fdm: np.ndarray) -> float | None:
+    """How much the blocks' discarded sets overlap (1 = every block discards the same elements)."""
+    if len(fdm) < 2:
+        return None
+    d = ~fdm.reshape(len(fdm), -1)
+    inter = d.astype(np.float32) @ d.T.astype(np.float32)
+    size = d.sum(1).astype(np.float32)
+    union = size[:, None] + size[None, :] - inter
+    iu = np.triu_indices(len(fdm), 1)
+    return float((inter[iu] / np.maximum(union[iu], 1)).mean())
+
+
+def load(path: str | os.PathLike) -> FdmDict:
+    with open_checked(path, KIND, SCHEMA) as f:
+        return FdmDict(
+            fdm=f["fdm"][()].astype(bool), mean_mask=f["mean_mask"][()], trained=f["trained"][()],
+            trunk=str(f.attrs["trunk"]), mask_point=str(f.attrs["mask_point"]), template=str(f.attrs["template"]),
+            grid=int(f.attrs["grid"]), tau=float(f.attrs["tau"]),
+        )
+
+
+def plot_dict(d: FdmDict, path: Path) -> None:
+    """Per block: where its discarded elements lie (summed over channels, on the feature map) and how many."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BadInputError("--plot needs matplotlib: pip install 'pdsn-cli[plots]'") from None
+    k = d.grid
+    disc = (~d.fdm).astype(np.float32)  # K²×C×H×W
+    spatial = disc.mean(axis=1)  # K²×H×W: fraction of channels discarded at each position
+    fig, axes = plt.subplots(k, k, figsize=(1.9 * k, 2.0 * k))
+    for j, ax in enumerate(np.atleast_1d(axes).ravel()):
+        ax.imshow(spatial[j], vmin=0, vmax=max(float(spatial.max()), 1e-6), cmap="magma")
+        n = int(disc[j].sum())
+        ax.set_title(f"block {j}: {n}" + ("" if d.trained[j] else " (untrained)"), fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"FDM dictionary — {d.trunk} @ {d.mask_point}, τ={d.tau}: discarded channels per position",
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

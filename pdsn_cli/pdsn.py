@@ -1,0 +1,289 @@
+"""The Pairwise Differential Siamese Network: per-block mask generators trained on (clean, occluded) pairs.
+
+For grid block j, a mask generator reads |f(clean) − f(occluded)| at the trunk's mask point and outputs a
+sigmoid mask M over the features (the paper's Conv3×3 → PReLU → BN → Sigmoid). The frozen trunk head embeds
+M⊙f(clean) and M⊙f(occluded); the loss is
+
+    0.5·CE(M⊙f(clean)) + 0.5·CE(M⊙f(occluded)) + λ·L1(M⊙f(occluded), M⊙f(clean))
+
+with CosFace logits (s, m) against a frozen classifier whose class weights are the normalised mean clean
+embeddings of the training identities. Why that classifier: it exists for every trunk (dlib's has no identity
+head), needs no training of its own, and its classes are exactly the identities of the pairs file, which are
+kept apart from the evaluation identities — a head trained with the trunk would know other classes.
+
+``--block all`` trains the K² generators as one module (a grouped convolution), on trunk features computed
+once, so the trunk never runs inside the training loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdsn_cli import pairs_h5
+from pdsn_cli.atomic import atomic_output, check_writable
+from pdsn_cli.device import resolve_device
+from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
+from pdsn_cli.features import embed_features, extract_features
+from pdsn_cli.models import build_trunk
+
+CKPT_KIND = "pdsn-blocks"
+
+
+class MaskGenerators(nn.Module):
+    """``n`` independent mask generators over C×H×W features, run as one grouped convolution."""
+
+    def __init__(self, n: int, channels: int):
+        super().__init__()
+        self.n, self.c = n, channels
+        self.conv = nn.Conv2d(n * channels, n * channels, 3, padding=1, bias=False, groups=n)
+        self.prelu = nn.PReLU(n * channels)
+        self.bn = nn.BatchNorm2d(n * channels)
+
+    def forward(self, diff: torch.Tensor) -> torch.Tensor:
+        """diff: n×B×C×H×W → masks n×B×C×H×W in (0, 1)."""
+        n, b, c, h, w = diff.shape
+        x = diff.permute(1, 0, 2, 3, 4).reshape(b, n * c, h, w)
+        m = torch.sigmoid(self.bn(self.prelu(self.conv(x))))
+        return m.reshape(b, n, c, h, w).permute(1, 0, 2, 3, 4)
+
+
+def cosface_logits(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, m: float):
+    cos = F.normalize(emb, dim=1) @ weight.t()
+    return s * (cos - m * F.one_hot(labels, weight.shape[0]).to(cos.dtype))
+
+
+@dataclass
+class TrainBlockConfig:
+    pairs: Path
+    out: Path
+    trunk: str = "dlib-resnet"
+    weights: str | None = None
+    block: str = "all"
+    mask_point: str | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.01
+    lam: float = 10.0
+    s: float = 30.0
+    m: float = 0.35
+    seed: int = 0
+    gpu: int | None = None
+    resume: bool = False
+
+
+@dataclass
+class PairFeatures:
+    """Trunk features of a pairs file, clean images deduplicated by source."""
+
+    clean: np.ndarray  # U×C×H×W
+    occluded: np.ndarray  # N×C×H×W
+    clean_index: np.ndarray  # N → row of ``clean``
+    label: np.ndarray  # N
+    target: np.ndarray  # N
+    num_classes: int
+
+
+def pair_features(trunk, pairs_path: Path, point: str, device, progress=None, rows=None) -> PairFeatures:
+    p = pairs_h5.read_pairs(pairs_path, select=rows)
+    if p.attrs["template"] != trunk.template:
+        raise SchemaError(f"{pairs_path} was made for template {p.attrs['template']}, trunk {trunk.name} needs "
+                          f"{trunk.template} (make-pairs --template {trunk.template})")
+    first: dict[str, int] = {}
+    clean_index = np.empty(len(p), np.int64)
+    for i, s in enumerate(p.source):
+        clean_index[i] = first.setdefault(s, len(first))
+    uniq = np.array(sorted(first.values()))
+    rows_of_uniq = np.empty(len(first), np.int64)
+    for i, s in enumerate(p.source):
+        rows_of_uniq[first[s]] = i
+    total = len(uniq) + len(p)
+    cb = (lambda d, n: progress(d, total)) if progress else None
+    fc = extract_features(trunk, p.clean[rows_of_uniq], point, device=device, progress=cb)
+    cb2 = (lambda d, n: progress(len(uniq) + d, total)) if progress else None
+    fo = extract_features(trunk, p.occluded, point, device=device, progress=cb2)
+    # labels re-indexed densely over the identities present
+    _, label = np.unique(p.label, return_inverse=True)
+    return PairFeatures(fc, fo, clean_index, label.astype(np.int64), p.target.astype(np.int64), int(label.max()) + 1)
+
+
+def class_weights(trunk, feats: PairFeatures, point: str, device) -> torch.Tensor:
+    """Frozen classifier: normalised mean clean embedding per identity."""
+    emb = embed_features(trunk, feats.clean, point, device=device)
+    lab = np.zeros(len(feats.clean), np.int64)
+    lab[feats.clean_index] = feats.label
+    w = np.zeros((feats.num_classes, emb.shape[1]), np.float32)
+    np.add.at(w, lab, emb)
+    w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+    return torch.from_numpy(w).to(device)
+
+
+def parse_block_arg(block: str, grid: int) -> list[int]:
+    from pdsn_cli.make_pairs import parse_blocks
+
+    return parse_blocks(block, grid)
+
+
+def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
+    """Train the mask generators of the requested blocks; writes one checkpoint with their weights and the
+    mean (min-max scaled) mask of each block over its training pairs (what build-dict binarises)."""
+    device = resolve_device(cfg.gpu)
+    check_writable(cfg.out)
+    for name, v in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
+        if v < 1:
+            raise BadInputError(f"{name} must be ≥ 1, got {v}")
+    if not cfg.lr > 0:
+        raise BadInputError(f"--lr must be > 0, got {cfg.lr}")
+    with pairs_h5.open_pairs(cfg.pairs) as f:
+        grid = int(f.attrs["grid"])
+        targets = f["target"][()]
+    blocks = parse_block_arg(cfg.block, grid)
+    missing = [j for j in blocks if not (targets == j).any()]
+    if missing:
+        raise BadInputError(f"{cfg.pairs} has no pairs for block(s) {missing}; make them with "
+                            f"`pdsn make-pairs --block all` (or --block J)")
+    trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    point = trunk.check_point(cfg.mask_point)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    rows = np.flatnonzero(np.isin(targets, blocks))
+    feats = pair_features(trunk, cfg.pairs, point, device, progress=_stage(progress, "features"), rows=rows)
+    t_feat = time.perf_counter() - t0
+    weight = class_weights(trunk, feats, point, device)
+    c, h, w = feats.clean.shape[1:]
+    n = len(blocks)
+    gen = MaskGenerators(n, c).to(device)
+    opt = torch.optim.SGD(gen.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    block_rows = [np.flatnonzero(feats.target == j) for j in blocks]
+    steps_per_epoch = math.ceil(max(len(r) for r in block_rows) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(total * 0.5), int(total * 0.75)], 0.1)
+    fc_all = torch.from_numpy(feats.clean).to(device)
+    fo_all = torch.from_numpy(feats.occluded).to(device)
+    lab_all = torch.from_numpy(feats.label).to(device)
+    cidx_all = torch.from_numpy(feats.clean_index).to(device)
+    meta = dict(kind=CKPT_KIND, trunk=cfg.trunk, mask_point=point, grid=grid, template=trunk.template,
+                blocks=blocks, feature_shape=[c, h, w], config={k: str(v) for k, v in asdict(cfg).items()})
+    start_epoch, history = 0, []
+    if cfg.resume and cfg.out.with_name(cfg.out.name + ".ckpt").exists():
+        start_epoch, history = _load_state(cfg.out.with_name(cfg.out.name + ".ckpt"), gen, opt, sched, meta)
+    t1 = time.perf_counter()
+    train_cb = _stage(progress, "train")
+    for epoch in range(start_epoch, cfg.epochs):
+        gen.train()
+        perms = [np.random.default_rng([cfg.seed, epoch, j]).permutation(r) for j, r in zip(blocks, block_rows)]
+        sums = np.zeros(3)
+        for step in range(steps_per_epoch):
+            idx = np.stack([np.resize(p, steps_per_epoch * cfg.batch_size)[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                            for p in perms])  # n×B (short blocks cycle through their pairs)
+            it = torch.from_numpy(idx).to(device)
+            fo = fo_all[it]
+            fc = fc_all[cidx_all[it]]
+            lab = lab_all[it].reshape(-1)
+            m = gen((fc - fo).abs())
+            mc, mo = (m * fc), (m * fo)
+            ec = trunk.head(mc.reshape(-1, c, h, w), point)
+            eo = trunk.head(mo.reshape(-1, c, h, w), point)
+            # per-generator mean losses, summed: each generator's gradient does not depend on n
+            ce = (F.cross_entropy(cosface_logits(ec, weight, lab, cfg.s, cfg.m), lab, reduction="none")
+                  + F.cross_entropy(cosface_logits(eo, weight, lab, cfg.s, cfg.m), lab, reduction="none")) * 0.5
+            ce = ce.reshape(n, -1).mean(1)
+            l1 = (mo - mc).abs().reshape(n, cfg.batch_size, -1).mean(dim=(1, 2))
+            loss = (ce + cfg.lam * l1).sum()
+            if not torch.isfinite(loss):
+                raise JobFailed(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; the last good "
+                                f"checkpoint is kept ({cfg.out.name}.ckpt) — lower --lr and --resume")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            sums += [loss.item() / n, ce.mean().item(), l1.mean().item()]
+            if train_cb:
+                train_cb(epoch * steps_per_epoch + step + 1, total)
+        history.append({"epoch": epoch + 1, "loss": sums[0] / steps_per_epoch, "ce": sums[1] / steps_per_epoch,
+                        "l1": sums[2] / steps_per_epoch})
+        if log:
+            log(history[-1])
+        _save_state(cfg.out.with_name(cfg.out.name + ".ckpt"), gen, opt, sched, epoch + 1, history, meta)
+    t_train = time.perf_counter() - t1
+    mean_masks, keep = mean_block_masks(gen, feats, blocks, device)
+    payload = dict(meta, generators={k: v.cpu() for k, v in gen.state_dict().items()},
+                   mean_masks=torch.from_numpy(mean_masks), history=history)
+    _torch_save(payload, cfg.out)
+    cfg.out.with_name(cfg.out.name + ".ckpt").unlink(missing_ok=True)
+    return {
+        "out": str(cfg.out), "trunk": cfg.trunk, "mask_point": point, "feature_shape": [c, h, w],
+        "blocks": blocks, "pairs": int(len(feats.target)), "classes": feats.num_classes,
+        "epochs": cfg.epochs, "steps": total, "history": history,
+        "mean_mask_kept_at_0.5": [float(k) for k in keep],
+        "feature_seconds": round(t_feat, 2), "train_seconds": round(t_train, 2),
+    }
+
+
+@torch.no_grad()
+def mean_block_masks(gen: MaskGenerators, feats: PairFeatures, blocks: list[int], device, batch: int = 256):
+    """Per block: the mean over its pairs of the min-max scaled masks (n×C×H×W), and the fraction > 0.5."""
+    gen.eval()
+    c, h, w = feats.clean.shape[1:]
+    out = np.zeros((len(blocks), c, h, w), np.float64)
+    for k, j in enumerate(blocks):
+        rows = np.flatnonzero(feats.target == j)
+        for a in range(0, len(rows), batch):
+            r = rows[a:a + batch]
+            fo = torch.from_numpy(feats.occluded[r]).to(device)
+            fc = torch.from_numpy(feats.clean[feats.clean_index[r]]).to(device)
+            diff = torch.zeros(len(blocks), len(r), c, h, w, device=device)
+            diff[k] = (fc - fo).abs()
+            m = gen(diff)[k].reshape(len(r), -1)
+            lo, hi = m.min(1, keepdim=True).values, m.max(1, keepdim=True).values
+            m = (m - lo) / (hi - lo).clamp_min(1e-12)
+            out[k] += m.sum(0).reshape(c, h, w).double().cpu().numpy()
+        out[k] /= len(rows)
+    return out.astype(np.float32), (out > 0.5).mean(axis=(1, 2, 3))
+
+
+def _stage(progress, name):
+    return (lambda d, n: progress(name, d, n)) if progress else None
+
+
+def _torch_save(obj, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _save_state(path, gen, opt, sched, epoch, history, meta):
+    _torch_save(dict(meta, generators=gen.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                     epoch=epoch, history=history), path)
+
+
+def _load_state(path, gen, opt, sched, meta):
+    st = load_blocks_file(path)
+    for k in ("trunk", "mask_point", "grid", "blocks", "feature_shape"):
+        if st[k] != meta[k]:
+            raise SchemaError(f"cannot resume from {path}: it has {k}={st[k]!r}, this run {meta[k]!r}")
+    gen.load_state_dict(st["generators"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    return int(st["epoch"]), list(st["history"])
+
+
+def load_blocks_file(path: Path) -> dict:
+    """A train-block output, loaded without executing code (weights_only)."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SchemaError(f"no such file: {path}") from None
+    except Exception as e:  # unpickling refused or corrupt file
+        raise SchemaError(f"{path} is not a loadable train-block checkpoint: {str(e).splitlines()[0]}") from None
+    if not isinstance(st, dict) or st.get("kind") != CKPT_KIND:
+        raise SchemaError(f"{path} is not a train-block checkpoint")
+    return st
