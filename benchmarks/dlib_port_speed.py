@@ -36,7 +36,8 @@ def lfw_chips(n: int) -> list[np.ndarray]:
     import dlib
 
     detector = dlib.get_frontal_face_detector()
-    sp = dlib.shape_predictor(os.path.join(os.path.dirname(packaged_weights_path()), "shape_predictor_5_face_landmarks.dat"))
+    models = os.path.dirname(packaged_weights_path())
+    sp = dlib.shape_predictor(os.path.join(models, "shape_predictor_5_face_landmarks.dat"))
     chips = []
     # one image per person, people in name order: many identities, deterministic
     for person in sorted(p for p in LFW.iterdir() if p.is_dir()):
@@ -57,7 +58,8 @@ def generated_chips(n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     chips = []
     for _ in range(n):
-        img = cv2.resize(rng.uniform(0, 255, (5, 5, 3)).astype(np.float32), (150, 150), interpolation=cv2.INTER_CUBIC)
+        low = rng.uniform(0, 255, (5, 5, 3)).astype(np.float32)
+        img = cv2.resize(low, (150, 150), interpolation=cv2.INTER_CUBIC)
         cx, cy = int(75 + rng.normal(0, 3)), int(75 + rng.normal(0, 4))
         cv2.ellipse(img, (cx, cy), (45, 60), 0, 0, 360, rng.uniform([150, 100, 80], [235, 185, 155]).tolist(), -1)
         for side in (-1, 1):

@@ -289,3 +289,22 @@ def _synthetic_chips(spec: DataSpec, template, identities, limit, seed, progress
         np.stack(chips), np.stack(lms), [f.identity for f in faces], [f.source for f in faces],
         np.full(len(faces), ALIGNED_KNOWN), template, True,
     ), rep
+
+
+def export_chips(spec: DataSpec, template: str, out: Path, identities=None, limit=None, seed=0, workers=1,
+                 progress=None) -> dict:
+    """Write the aligned chips of a dataset to one chips HDF5 file (atomically)."""
+    from pdsn_cli.atomic import check_writable
+
+    check_writable(out)
+    chips, rep = load_chips(spec, template, identities, limit, seed, workers, progress=progress)
+    with atomic_output(out) as tmp:
+        with h5py.File(tmp, "w") as f:
+            wr = ChipsWriter(f, template, chips.image.shape[1:3], spec.describe(), spec.synthetic)
+            for a in range(0, len(chips), 1024):
+                s = slice(a, a + 1024)
+                wr.add(chips.image[s], chips.landmarks[s], [chips.identity[i] for i in chips.label[s]],
+                       chips.source[s], chips.aligned_by[s])
+            wr.close()
+    return {"out": str(out), "data": spec.describe(), "template": template, "images": len(chips),
+            "identities": len(chips.identity), "align": rep.as_dict()}

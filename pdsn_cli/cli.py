@@ -393,6 +393,200 @@ def benchmark_cmd(
               f"{res['dropped_pairs']} pairs dropped, {res['seconds']} s")
 
 
+@app.command("embed", epilog="""Examples:
+
+    pdsn embed --input ../shared/data/lfw --out lfw_emb.h5 --flip
+
+    pdsn embed --input pdsn-work/pairs-sunglasses.h5 --which occluded --dict pdsn-work/dict.h5 --occlusion oracle --out occ.h5
+
+    pdsn embed --input faces/ --dict dict.h5 --detector detector.pt --features --gpu 0 --out emb.h5
+""")
+def embed_cmd(
+    input: Path = typer.Option(..., "--input", help="Identity folder, text list of image paths, or chips/pairs HDF5."),
+    out_path: Path = typer.Option(..., "--out", help="Output embeddings HDF5 (written atomically)."),
+    trunk: str = TRUNK,
+    weights: Optional[str] = WEIGHTS,
+    which: str = typer.Option("clean", "--which", help="Pairs-file input: embed the clean or the occluded chips."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Root for the relative paths of a list file (default: the list's folder)."),
+    dict_path: Optional[Path] = typer.Option(None, "--dict", help="FDM dictionary: PDSN-masked embeddings."),
+    occlusion: str = typer.Option("detector", "--occlusion", help="oracle (pairs input only) | detector"),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector checkpoint (train-detector)."),
+    block_threshold: float = typer.Option(0.25, "--block-threshold"),
+    flip: bool = typer.Option(False, "--flip", help="Sum with the mirrored image's embedding."),
+    features: bool = typer.Option(False, "--features", help="Also store the mask-point conv features."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    gpu: Optional[int] = GPU,
+    workers: int = typer.Option(1, "--workers"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+    json_path: Optional[Path] = JSON_OUT,
+    quiet: bool = QUIET,
+):
+    """Embed faces with a trunk (optionally PDSN-masked) into HDF5."""
+    from pdsn_cli.embed import EmbedConfig, embed
+
+    cfg = EmbedConfig(input=input, out=out_path, trunk=trunk, weights=weights, which=which, data_dir=data_dir,
+                      dict_path=dict_path, occlusion_source=occlusion, detector=detector,
+                      block_threshold=block_threshold, flip=flip, features=features, batch_size=batch_size, gpu=gpu,
+                      workers=workers, resume=resume)
+    argv = " ".join(sys.argv[1:])
+    with handled(resume_hint=f"pdsn {argv} --resume"):
+        with Bars(quiet) as bars:
+            res = embed(cfg, progress=bars.multi())
+        write_json(json_path, res)
+    al = res["align"]
+    out.print(kv_table("embed", {
+        "output": res["out"], "trunk / mask point": f"{res['trunk']} / {res['mask_point']}",
+        "images / identities": f"{res['images']} / {res['identities']}", "dim": res["embedding_dim"],
+        "flip / features": f"{res['flip']} / {res['features']}", "PDSN dictionary": res["dictionary"] or "none",
+        "skipped files": al["skipped"], "time": f"{res['seconds']} s",
+    }))
+    if al["skipped_files"]:
+        out.print(skipped_table(al["skipped_files"]))
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+datasets_app = typer.Typer(help="Get datasets and protocol files.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.command("fetch", epilog="""Example:
+
+    pdsn datasets fetch lfw --dest data/
+""")
+def datasets_fetch_cmd(
+    name: str = typer.Argument(..., help="lfw"),
+    dest: Path = typer.Option(Path("data"), "--dest", help="Folder that will hold lfw/."),
+    quiet: bool = QUIET,
+):
+    """Download a dataset from its official site (checksummed, resumable)."""
+    from pdsn_cli.fetch import fetch_lfw
+
+    if name != "lfw":
+        with handled():
+            from pdsn_cli.errors import BadInputError
+
+            raise BadInputError(f"unknown dataset {name!r}; fetch knows: lfw")
+    with handled(resume_hint=f"pdsn datasets fetch {name} --dest {dest}"):
+        with Bars(quiet) as bars:
+            path = fetch_lfw(dest, progress=lambda d, n: bars.cb("download")(d, n or d))
+    out.print(f"LFW ready at {path}")
+
+
+@datasets_app.command("lfw-train-ids", epilog="""Example:
+
+    pdsn datasets lfw-train-ids --data-dir ../shared/data/lfw --out pdsn-work/lfw-train-ids.txt
+""")
+def lfw_train_ids_cmd(
+    data_dir: Path = typer.Option(..., "--data-dir", help="LFW root with pairs.txt."),
+    out_path: Path = typer.Option(..., "--out", help="Text file, one identity per line."),
+):
+    """The LFW identities that appear in no View-2 pair (PDSN's training identities)."""
+    from pdsn_cli.lfw import identities_outside_pairs, read_pairs
+
+    with handled():
+        from pdsn_cli.atomic import atomic_output, check_writable
+
+        check_writable(out_path)
+        ids = identities_outside_pairs(data_dir, read_pairs(Path(data_dir) / "pairs.txt", data_dir))
+        with atomic_output(out_path) as tmp:
+            tmp.write_text("".join(f"{n}\n" for n in sorted(ids)), encoding="utf-8")
+    out.print(f"{len(ids)} identities ({sum(len(v) for v in ids.values())} images) outside pairs.txt → {out_path}")
+
+
+@app.command("align", epilog="""Examples:
+
+    pdsn align --out chips.h5                      # built-in synthetic faces, dlib150
+
+    pdsn align --data-dir ../shared/data/lfw --template arc112x96 --workers 2 --out lfw112x96.h5
+""")
+def align_cmd(
+    out_path: Path = typer.Option(..., "--out", help="Chips HDF5 (aligned faces + landmarks + labels)."),
+    data_dir: Optional[Path] = DATA_DIR,
+    template: str = typer.Option("dlib150", "--template", help="dlib150 | arc112x96 | arc112x112"),
+    identities: Optional[Path] = typer.Option(None, "--identities", help="Only these identities (one per line)."),
+    limit: Optional[int] = typer.Option(None, "--limit"),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(1, "--workers"),
+    synthetic_identities: int = SYN_IDS,
+    synthetic_images: int = SYN_IMGS,
+    json_path: Optional[Path] = JSON_OUT,
+    quiet: bool = QUIET,
+):
+    """Detect, landmark and align faces to a trunk template, into a chips HDF5 (for train-trunk and embed)."""
+    from pdsn_cli.chips import export_chips
+
+    with handled():
+        from pdsn_cli.faces import read_identity_list
+
+        idents = read_identity_list(identities) if identities else None
+        with Bars(quiet) as bars:
+            res = export_chips(data_spec(data_dir, synthetic_identities, synthetic_images), template, out_path,
+                               identities=idents, limit=limit, seed=seed, workers=workers, progress=bars.cb("align"))
+        write_json(json_path, res)
+    al = res["align"]
+    out.print(kv_table("align", {"output": res["out"], "data": res["data"], "template": template,
+                                 "images / identities": f"{res['images']} / {res['identities']}",
+                                 "fallback crops (no face found)": al["fallback_crops"], "skipped files": al["skipped"]}))
+    if al["skipped_files"]:
+        out.print(skipped_table(al["skipped_files"]))
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+@app.command("train-trunk", epilog="""Examples:
+
+    pdsn align --out pdsn-work/synthetic112x96.h5 --template arc112x96 && pdsn train-trunk --data pdsn-work/synthetic112x96.h5
+
+    pdsn train-trunk --data casia112x96.h5 --trunk lresnet50e-ir --head cosface --epochs 30 --batch-size 512 --gpu 0
+
+    torchrun --nproc_per_node=4 -m pdsn_cli train-trunk --data casia112x96.h5 --trunk lresnet50e-ir --gpu 0
+""")
+def train_trunk_cmd(
+    data: Path = typer.Option(..., "--data", help="Chips HDF5 (pdsn align) or pairs HDF5 (its clean images)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder: checkpoint.pt (resume) and trunk.pt (default: pdsn-work/trunk-<name>/)."),
+    trunk: str = typer.Option("tiny", "--trunk", help="tiny | lresnet50e-ir | iresnet50 | iresnet100"),
+    head: str = typer.Option("cosface", "--head", help="cosface | arcface"),
+    s: Optional[float] = typer.Option(None, "--scale", help="Margin head scale (default: CosFace 30, ArcFace 64)."),
+    m: Optional[float] = typer.Option(None, "--margin", help="Margin (default: CosFace 0.35, ArcFace 0.5)."),
+    epochs: int = typer.Option(20, "--epochs"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Global batch (split across torchrun processes)."),
+    lr: float = typer.Option(0.1, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints."),
+    resume: bool = typer.Option(False, "--resume"),
+    gpu: Optional[int] = GPU,
+    precision: str = typer.Option("bf16", "--precision", help="bf16 (autocast, CUDA only) | fp32"),
+    init_weights: Optional[str] = typer.Option(None, "--init-weights", help="Start from these trunk weights (fine-tune)."),
+    json_path: Optional[Path] = JSON_OUT,
+    quiet: bool = QUIET,
+):
+    """Train a face trunk with a CosFace/ArcFace margin head (single process or torchrun DDP)."""
+    from pdsn_cli.train_trunk import TrainTrunkConfig, train_trunk
+
+    if precision not in ("bf16", "fp32"):
+        with handled():
+            from pdsn_cli.errors import BadInputError
+
+            raise BadInputError(f"--precision must be bf16 or fp32, got {precision!r}")
+    out_dir = out_dir or work_dir() / f"trunk-{trunk}"
+    cfg = TrainTrunkConfig(data=str(data), out=str(out_dir), trunk=trunk, head=head, s=s, m=m, epochs=epochs,
+                           batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every, resume=resume,
+                           gpu=gpu, amp=precision == "bf16", init_weights=init_weights)
+    argv = " ".join(sys.argv[1:])
+    with handled(resume_hint=f"pdsn {argv} --resume"):
+        with Bars(quiet) as bars:
+            cb = bars.cb("train")
+            res = train_trunk(cfg, progress=lambda i: cb(i["step"], i["total"]))
+        write_json(json_path, res)
+    acc = res.get("heldout_accuracy")
+    out.print(kv_table("train-trunk", {
+        "trunk weights": res["trunk_weights"], "trunk / head": f"{res['trunk']} / {res['head']}",
+        "images / identities": f"{res['train_images']} / {res['train_identities']}",
+        "steps": res["steps"], "final loss": f"{res['final_loss']:.4f}" if res["final_loss"] is not None else "n/a",
+        "held-out verification": "n/a" if acc is None else f"{100 * acc:.2f}% on {res['heldout_pairs']} pairs of {res['heldout_identities']} unseen identities",
+        "speed": f"{res['img_per_s']:.0f} img/s on {res['device']} × {res['world_size']}" if res["img_per_s"] else "n/a",
+    }))
+
+
 def main():
     app()
 

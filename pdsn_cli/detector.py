@@ -28,6 +28,7 @@ Checkpoints are plain tensors and dicts (``torch.load(weights_only=True)``), wri
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -36,11 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pdsn_cli import pairs_h5
 from pdsn_cli.atomic import check_writable
@@ -150,20 +151,32 @@ def check_chips(chips: np.ndarray) -> np.ndarray:
     return chips
 
 
-def resize_chips(chips: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 N×H×W×3 → uint8 N×h×w×3: area averaging when shrinking (no aliasing), bilinear when growing.
+def resize_chips(chips: np.ndarray, size: tuple[int, int], batch: int = 1024) -> np.ndarray:
+    """uint8 N×H×W×3 → uint8 N×h×w×3, antialiased bilinear (no aliasing when shrinking).
 
-    Training and prediction both go through here, so the detector sees the same pixels either way.
+    Training and prediction both go through here, so the detector sees the same pixels either way. Torch
+    resizes uint8 channels-last batches directly (an N×H×W×3 array viewed as N×3×H×W is exactly that),
+    2–3× faster than a per-chip ``cv2.resize(INTER_AREA)`` loop.
     """
     h, w = size
     if chips.shape[1:3] == (h, w):
         return np.ascontiguousarray(chips)
-    shrink = chips.shape[1] >= h and chips.shape[2] >= w
-    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     out = np.empty((len(chips), h, w, 3), np.uint8)
-    for i, c in enumerate(chips):
-        out[i] = cv2.resize(c, (w, h), interpolation=interp)
+    for a in range(0, len(chips), batch):
+        x = torch.from_numpy(np.ascontiguousarray(chips[a : a + batch])).permute(0, 3, 1, 2)
+        y = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        out[a : a + len(x)] = y.permute(0, 2, 3, 1).numpy()
     return out
+
+
+def fuse_for_inference(net: DetectorNet) -> DetectorNet:
+    """An eval copy with each BatchNorm folded into its conv, in channels-last layout (≈1.5–2× faster on CPU)."""
+    fused = copy.deepcopy(net).eval()
+    for m in fused.modules():
+        if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d) and len(m) > 1 and isinstance(m[1], nn.BatchNorm2d):
+            m[0] = fuse_conv_bn_eval(m[0], m[1])
+            m[1] = nn.Identity()
+    return fused.to(memory_format=torch.channels_last)
 
 
 def to_tensor(chips: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -221,7 +234,8 @@ def read_detector_data(paths: list[Path], input_size: tuple[int, int], progress=
             kind_all = read_strings(f["kind"])
             for a in range(0, n, READ_CHUNK):
                 b = min(n, a + READ_CHUNK)
-                images.append(resize_chips(f["occluded"][a:b], input_size))
+                occluded, clean_rows = f["occluded"][a:b], f["clean"][a:b]  # slices: h5py fancy indexing is slow
+                images.append(resize_chips(occluded, input_size))
                 blocks.append(f["blocks"][a:b].astype(np.float32))
                 clean.append(np.zeros(b - a, bool))
                 kinds += kind_all[a:b]
@@ -230,7 +244,7 @@ def read_detector_data(paths: list[Path], input_size: tuple[int, int], progress=
                 # equally weighted and the clean false-positive rate counted per image
                 first = [i for i in range(a, b) if not (src_all[i] in seen or seen.add(src_all[i]))]
                 if first:
-                    images.append(resize_chips(f["clean"][np.array(first)], input_size))
+                    images.append(resize_chips(clean_rows[np.array(first) - a], input_size))
                     blocks.append(np.zeros((len(first), grid, grid), np.float32))
                     clean.append(np.ones(len(first), bool))
                     kinds += ["clean"] * len(first)
@@ -311,6 +325,8 @@ class OcclusionDetector:
         self.template = template
         self.chip_size = tuple(int(v) for v in chip_size)
         self.threshold = float(threshold)
+        # what predict runs; ``net`` stays unfused so that ``save`` writes the trained parameters as they are
+        self._fast = fuse_for_inference(self.net)
 
     # -- persistence
     def state(self, **extra) -> dict:
@@ -363,14 +379,14 @@ class OcclusionDetector:
                               f"(another aspect ratio, so another alignment)")
 
     @torch.inference_mode()
-    def predict(self, chips: np.ndarray, template: str | None = None, batch_size: int = 512) -> np.ndarray:
+    def predict(self, chips: np.ndarray, template: str | None = None, batch_size: int = 256) -> np.ndarray:
         """uint8 N×H×W×3 aligned chips → float32 N×K×K predicted occupancy (block j = r·K + c)."""
         chips = check_chips(chips)
         self._check_layout(chips, template)
         out = np.empty((len(chips), self.grid, self.grid), np.float32)
         for a in range(0, len(chips), batch_size):
             x = to_tensor(resize_chips(chips[a : a + batch_size], self.input_size), self.device)
-            out[a : a + len(x)] = torch.sigmoid(self.net(x)).float().cpu().numpy()
+            out[a : a + len(x)] = torch.sigmoid(self._fast(x)).float().cpu().numpy()
         return out
 
     def occluded_blocks(self, chips: np.ndarray, threshold: float | None = None, template: str | None = None) -> np.ndarray:
@@ -445,7 +461,8 @@ def train_detector(cfg: TrainDetectorConfig, progress: Callable[[int, int], None
         raise BadInputError(f"only {len(train_idx)} training chips after the split; make more pairs")
 
     torch.manual_seed(cfg.seed)
-    net = DetectorNet(data.grid, input_size, cfg.width).to(device)
+    # channels-last: the uint8 N×H×W×3 batches already are, and CPU convolutions run ~20% faster in it
+    net = DetectorNet(data.grid, input_size, cfg.width).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -463,10 +480,8 @@ def train_detector(cfg: TrainDetectorConfig, progress: Callable[[int, int], None
         net.train()
         order = train_t[torch.randperm(len(train_t), generator=g)]
         loss_sum = torch.zeros((), device=device)
-        for a in range(0, len(order), cfg.batch_size):
-            idx = order[a : a + cfg.batch_size].to(device)
-            if len(idx) < 2:
-                continue  # BatchNorm needs two samples; one leftover chip is dropped from this epoch
+        for i in range(steps_per_epoch):
+            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size].to(device)
             x = images[idx].permute(0, 3, 1, 2).float()
             y = targets[idx]
             if cfg.augment:
@@ -485,16 +500,15 @@ def train_detector(cfg: TrainDetectorConfig, progress: Callable[[int, int], None
             raise JobFailed(f"training diverged at epoch {epoch + 1} (loss {epoch_loss}); try a lower --lr")
         history.append(epoch_loss)
         if len(val_idx):
-            pv = _predict_tensor(net, data.images[val_idx], device)
-            pv_t = torch.from_numpy(pv).clamp(1e-6, 1 - 1e-6)
+            pred = _predict_tensor(net, data.images[val_idx], device)
+            pv_t = torch.from_numpy(pred).clamp(1e-6, 1 - 1e-6)
             val_history.append(float(F.binary_cross_entropy(pv_t, torch.from_numpy(data.blocks[val_idx]))))
     t_train = time.perf_counter() - t1
 
     detector = OcclusionDetector(net, template=data.template, chip_size=data.chip_size,
                                  threshold=cfg.threshold, device=device)
     metrics = None
-    if len(val_idx):
-        pred = _predict_tensor(net, data.images[val_idx], device)
+    if len(val_idx):  # ``pred``: the last epoch's predictions, i.e. the saved weights'
         metrics = block_metrics(pred, data.blocks[val_idx], data.clean[val_idx],
                                 [data.kind[i] for i in val_idx], cfg.threshold)
     n_val_src = len(set(data.source[i] for i in val_idx))
@@ -515,10 +529,10 @@ def train_detector(cfg: TrainDetectorConfig, progress: Callable[[int, int], None
         "loss_history": history,
         "val_loss_history": val_history,
         "threshold": cfg.threshold,
-        **({k: metrics[k] for k in ("precision", "recall", "f1", "per_kind", "clean_fpr", "clean_chip_fpr",
-                                     "occupancy_mae")} if metrics else
-           {"precision": None, "recall": None, "f1": None, "per_kind": {}, "clean_fpr": None,
-            "clean_chip_fpr": None, "occupancy_mae": None}),
+        # held-out figures (None without a validation split)
+        **{k: metrics[k] if metrics else None for k in ("precision", "recall", "f1", "clean_fpr", "clean_chip_fpr",
+                                                        "occupancy_mae")},
+        "per_kind": metrics["per_kind"] if metrics else {},
         "read_seconds": round(t_read, 3),
         "train_seconds": round(t_train, 3),
     }

@@ -114,6 +114,33 @@ def pair_features(trunk, pairs_path: Path, point: str, device, progress=None, ro
     return PairFeatures(fc, fo, clean_index, label.astype(np.int64), p.target.astype(np.int64), int(label.max()) + 1)
 
 
+def cached_pair_features(trunk, weights, pairs_path: Path, point: str, device, rows, progress=None) -> PairFeatures:
+    """pair_features, memoised on disk (npz in the cache folder) by pairs file identity, trunk, weights and rows:
+    the trunk runs once per pairs file however many times the generators are retrained."""
+    import hashlib
+
+    from pdsn_cli.chips import default_cache_dir
+
+    st = Path(pairs_path).stat()
+    key = hashlib.sha1(repr((str(Path(pairs_path).resolve()), st.st_size, st.st_mtime_ns, trunk.name, str(weights),
+                             point, np.asarray(rows).tobytes())).encode()).hexdigest()[:16]
+    path = default_cache_dir() / "features" / f"{Path(pairs_path).stem}-{trunk.name}-{point}-{key}.npz"
+    if path.exists():
+        try:
+            z = np.load(path)
+            return PairFeatures(z["clean"], z["occluded"], z["clean_index"], z["label"], z["target"],
+                                int(z["num_classes"]))
+        except Exception:  # a damaged cache entry is recomputed
+            pass
+    feats = pair_features(trunk, pairs_path, point, device, progress, rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, clean=feats.clean, occluded=feats.occluded, clean_index=feats.clean_index,
+                     label=feats.label, target=feats.target, num_classes=feats.num_classes)
+    return feats
+
+
 def class_weights(trunk, feats: PairFeatures, point: str, device) -> torch.Tensor:
     """Frozen classifier: normalised mean clean embedding per identity."""
     emb = embed_features(trunk, feats.clean, point, device=device)
@@ -156,7 +183,7 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     rows = np.flatnonzero(np.isin(targets, blocks))
-    feats = pair_features(trunk, cfg.pairs, point, device, progress=_stage(progress, "features"), rows=rows)
+    feats = cached_pair_features(trunk, cfg.weights, cfg.pairs, point, device, rows, _stage(progress, "features"))
     t_feat = time.perf_counter() - t0
     weight = class_weights(trunk, feats, point, device)
     c, h, w = feats.clean.shape[1:]

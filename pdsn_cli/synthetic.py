@@ -16,6 +16,8 @@ Every image is reproducible on its own: identity ``i`` draws from ``default_rng(
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,7 +70,9 @@ _HAIR = np.array(
     np.float32,
 )
 _HAIR_P = np.array([0.22, 0.2, 0.16, 0.1, 0.08, 0.05, 0.07, 0.08, 0.04])
-_IRIS = np.array([[70, 45, 25], [110, 70, 35], [60, 110, 160], [90, 130, 90], [120, 125, 130], [35, 25, 20]], np.float32)
+_IRIS = np.array(
+    [[70, 45, 25], [110, 70, 35], [60, 110, 160], [90, 130, 90], [120, 125, 130], [35, 25, 20]], np.float32
+)
 
 HAIR_STYLES = ("short", "long", "bald", "curly", "side", "bob", "buzz")
 
@@ -188,6 +192,7 @@ class _Canvas:
         self.img = img
         self.m = m.astype(np.float64)
         self._a, self._b = self.m[:, :2].T.copy(), self.m[:, 2].copy()
+        self._a16, self._b16 = self._a * _ONE, self._b * _ONE
         self.scale = math.sqrt(abs(np.linalg.det(self.m[:, :2])))
 
     def px(self, pts) -> np.ndarray:
@@ -195,7 +200,8 @@ class _Canvas:
         return pts @ self._a + self._b
 
     def _fixed(self, pts):
-        return np.round(self.px(pts) * _ONE).astype(np.int32)
+        pts = np.asarray(pts, np.float64).reshape(-1, 2)
+        return np.rint(pts @ self._a16 + self._b16).astype(np.int32)
 
     def fill(self, pts, color) -> None:
         cv2.fillPoly(self.img, [self._fixed(pts)], _col(color), _AA, _SHIFT)
@@ -206,7 +212,8 @@ class _Canvas:
 
 
 def _col(c) -> tuple:
-    return tuple(min(255.0, max(0.0, float(v))) for v in c)
+    # OpenCV saturates the colour to the image's range itself
+    return tuple(c.tolist()) if isinstance(c, np.ndarray) else tuple(c)
 
 
 def _shade(c, f):
@@ -249,12 +256,19 @@ def _face_contour(idn: _Identity, n: int = 48) -> np.ndarray:
 
 def _render(idn: _Identity, rng: np.random.Generator, size: int):
     pose = _Pose(
-        yaw=float(np.clip(rng.normal(0, 0.14), -0.32, 0.32)),
+        yaw=float(np.clip(rng.normal(0, 0.2), -0.45, 0.45)),
         smile=float(rng.uniform(-0.2, 1.0)),
         open_mouth=float(rng.uniform(0, 1) if rng.random() < 0.3 else 0.0),
         lid=float(rng.uniform(0.0, 0.35) if rng.random() < 0.85 else rng.uniform(0.5, 0.9)),
         gaze=(float(rng.normal(0, 0.015)), float(rng.normal(0, 0.008))),
         brow_raise=float(rng.normal(0, 0.02)),
+    )
+    # the same person is never drawn quite the same: hair falls differently, the face is lit differently
+    idn = dataclasses.replace(
+        idn,
+        hair_volume=max(0.03, idn.hair_volume + rng.normal(0, 0.04)),
+        hairline=idn.hairline + rng.normal(0, 0.04),
+        hair_part=idn.hair_part + rng.normal(0, 0.1),
     )
     iod = _IOD_FRAC * size * rng.uniform(0.92, 1.08)
     ang = math.radians(float(np.clip(rng.normal(0, 6.0), -15, 15)))
@@ -288,7 +302,7 @@ def _render(idn: _Identity, rng: np.random.Generator, size: int):
     contour_yawed = contour.copy()
     contour_yawed[:, 0] = contour[:, 0] * math.cos(yaw) + 0.08 * math.sin(yaw)
 
-    _hair_back(cv, idn, hair, contour_yawed, yaw)
+    _hair_back(cv, idn, hair, yaw)
 
     # ears: behind the face, shifted against the yaw
     for side in (-1, 1):
@@ -309,7 +323,7 @@ def _render(idn: _Identity, rng: np.random.Generator, size: int):
             cv.fill(_ellipse(float(x), 0.72, 0.2, 0.13), blush)
 
     if idn.beard:
-        _beard(cv, idn, hair, contour_yawed, fx, yaw)
+        _beard(cv, idn, hair, contour_yawed, fx)
 
     landmarks = np.zeros((5, 2))
     dlib5 = np.zeros((5, 2))
@@ -328,7 +342,7 @@ def _render(idn: _Identity, rng: np.random.Generator, size: int):
     for mx, my, mr in idn.moles:
         cv.fill(_ellipse(float(fx(mx)), float(my), mr, mr), _shade(skin, 0.45))
 
-    _hair_front(cv, idn, hair, contour_yawed, yaw)
+    _hair_front(cv, idn, hair, contour_yawed)
 
     img = _photo(img, rng, size)
     return img, cv.px(landmarks).astype(np.float32), cv.px(dlib5).astype(np.float32)
@@ -356,7 +370,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return cv2.resize(bg, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
-def _hair_back(cv, idn, hair, contour, yaw):
+def _hair_back(cv, idn, hair, yaw):
     style = idn.hair_style
     top = idn.face_cy - idn.face_top
     a = idn.face_a
@@ -373,7 +387,7 @@ def _hair_back(cv, idn, hair, contour, yaw):
         cv.fill(_ellipse(0.0, top + 0.8, a + 0.25 + v, 1.05 + v), _shade(hair, 0.85))
 
 
-def _hair_front(cv, idn, hair, contour, yaw):
+def _hair_front(cv, idn, hair, contour):
     style = idn.hair_style
     if style == "bald":
         return
@@ -391,10 +405,10 @@ def _hair_front(cv, idn, hair, contour, yaw):
     xs = np.linspace(grown[-1, 0] * 0.98, grown[0, 0] * 0.98, n)  # right → left along the hairline
     u = np.linspace(1, -1, n)
     if style == "side":
-        ys = hl + 0.25 * np.clip((u - idn.hair_part), -1, 1) ** 2 * 0.0 + 0.18 * (1 - np.abs(u)) * (u < idn.hair_part)
-        ys = ys + 0.3 * (np.abs(u) ** 3) - 0.15 * (u > idn.hair_part)
+        # a side parting: the fringe sweeps down on one side of the part, up on the other
+        ys = hl + 0.18 * (1 - np.abs(u)) * (u < idn.hair_part) + 0.3 * np.abs(u) ** 3 - 0.15 * (u > idn.hair_part)
     elif style in ("bob", "long"):
-        ys = hl + 0.45 + 0.12 * np.cos(u * 9) * 0.3 + 0.25 * np.abs(u) ** 2  # bangs
+        ys = hl + 0.45 + 0.036 * np.cos(u * 9) + 0.25 * np.abs(u) ** 2  # bangs
         ys = np.minimum(ys, -0.2)
     else:
         ys = hl + 0.35 * np.abs(u) ** 2.5 + 0.04 * np.cos(u * 7)
@@ -416,7 +430,7 @@ def _hair_front(cv, idn, hair, contour, yaw):
             cv.line([[x0 * 1.1, top + 0.05], [x0, hl + 0.05 + 0.1 * abs(x0)]], _shade(hair, 0.75), 0.015)
 
 
-def _beard(cv, idn, hair, contour, fx, yaw):
+def _beard(cv, idn, hair, contour, fx):
     low = contour[contour[:, 1] > 0.45]
     low = low[np.argsort(low[:, 0])]
     mouth_y = idn.mouth_y
@@ -432,7 +446,7 @@ def _eyes(cv, idn, pose, skin, fx, lm, d5):
     lid_skin = _shade(skin, 0.93)
     for i, side in enumerate((-1, 1)):
         ex = side * half
-        ey = 0.0 + side * idn.eye_tilt * 0.0
+        ey = 0.0
         z = _depth(np.array([ex]), idn.face_a)[0]
         cx = _yaw_x(ex, z, pose.yaw)
         w = idn.eye_w * (1 - 0.25 * abs(pose.yaw) + side * 0.3 * pose.yaw)
@@ -506,8 +520,9 @@ def _nose(cv, idn, skin, fx, yaw, lm, d5):
     shadow = _shade(skin, 0.78)
     # bridge: a shadow line down the side facing away from the light/yaw
     s = -1 if yaw >= 0 else 1
-    cv.line([[root_x + s * 0.08, 0.05], [(root_x + tip_x) / 2 + s * 0.09, nl * 0.55], [tip_x + s * nw * 0.75, nl - 0.05]],
-            _shade(skin, 0.85), 0.03)
+    mid_x = (root_x + tip_x) / 2
+    bridge = [[root_x + s * 0.08, 0.05], [mid_x + s * 0.09, nl * 0.55], [tip_x + s * nw * 0.75, nl - 0.05]]
+    cv.line(bridge, _shade(skin, 0.85), 0.03)
     # tip and wings
     cv.fill(_ellipse(tip_x, nl - 0.02, nw * 0.55, 0.08), _shade(skin, 1.03))
     for side in (-1, 1):
@@ -538,7 +553,8 @@ def _mouth(cv, idn, pose, skin, fx, lm):
     bow = 0.015 * np.exp(-((u * 6) ** 2))  # cupid's bow dip in the middle
     lo = idn.lip_lower * (1 - u**2) ** 0.7
     upper = np.concatenate([np.stack([X, mid - up + bow], 1), np.stack([X, mid - opening * 0.3 * (1 - u**2)], 1)[::-1]])
-    lower = np.concatenate([np.stack([X, mid + opening * (1 - u**2)], 1), np.stack([X, mid + opening * (1 - u**2) + lo], 1)[::-1]])
+    drop = mid + opening * (1 - u**2)
+    lower = np.concatenate([np.stack([X, drop], 1), np.stack([X, drop + lo], 1)[::-1]])
     if pose.open_mouth > 0.05:
         inside = np.concatenate([np.stack([X, mid - opening * 0.3 * (1 - u**2)], 1),
                                  np.stack([X, mid + opening * (1 - u**2)], 1)[::-1]])
@@ -554,33 +570,50 @@ def _mouth(cv, idn, pose, skin, fx, lm):
 
 
 def _photo(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    # lighting: a linear gradient across the picture, then lens blur, sensor noise and maybe JPEG
+    # lighting: a linear gradient across the picture with a colour cast, then lens blur, sensor noise, the
+    # camera's tone curve and maybe JPEG. All in uint8 with saturating OpenCV ops: this is the hot loop.
     a = rng.uniform(0, 2 * np.pi)
-    k = rng.uniform(0.0, 0.45)
-    g = np.linspace(-0.5 * k, 0.5 * k, size, dtype=np.float32)
-    gain = np.add.outer(math.sin(a) * g, math.cos(a) * g) + np.float32(rng.uniform(0.85, 1.12))
-    out = cv2.multiply(img.astype(np.float32), cv2.merge([gain, gain, gain]))
-    out = cv2.multiply(out, tuple(rng.uniform(0.93, 1.07, 3)) + (1.0,))  # white balance
-    out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.3, 1.1) * size / 250)
-    out = cv2.scaleAdd(_noise(size, rng), float(rng.uniform(0.5, 4.0)), out)
-    out = cv2.convertScaleAbs(out)  # saturates to 0..255
+    k = rng.uniform(0.0, 0.8)
+    g = np.linspace(-0.5 * k, 0.5 * k, 8, dtype=np.float32)
+    gain = np.add.outer(math.sin(a) * g, math.cos(a) * g) + np.float32(rng.uniform(0.75, 1.15))
+    wb = rng.uniform(0.9, 1.1, 3).astype(np.float32)  # white balance
+    small = np.clip(gain[..., None] * wb * 128, 0, 255).astype(np.uint8)
+    # a linear gradient survives linear upsampling, so the full-size gain map costs one resize
+    out = cv2.multiply(img, cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR), scale=1 / 128)
+    out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.3, 1.6) * size / 250)
+    pos, neg = _noise(size, rng)
+    out = cv2.subtract(cv2.add(out, pos), neg)
+    out = cv2.LUT(out, _gamma_lut(round(float(rng.uniform(0.75, 1.3)), 2)))
     if rng.random() < 0.5:
         ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(35, 90))])
         out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     return out
 
 
-_NOISE: dict[int, np.ndarray] = {}
+@functools.lru_cache(maxsize=128)
+def _gamma_lut(gamma: float) -> np.ndarray:
+    return np.clip(255.0 * (np.arange(256) / 255.0) ** gamma + 0.5, 0, 255).astype(np.uint8)
 
 
-def _noise(size: int, rng: np.random.Generator) -> np.ndarray:
-    # a fixed bank of noise, offset per image: drawing fresh Gaussian noise each time costs more than the face
-    bank = _NOISE.get(size)
-    if bank is None:
-        bank = np.random.default_rng(12345).standard_normal((2 * size, 2 * size, 3)).astype(np.float32)
-        _NOISE[size] = bank
-    dy, dx = rng.integers(0, size, 2)
-    return bank[dy : dy + size, dx : dx + size]
+_NOISE_LEVELS = (1.0, 2.5, 4.0, 6.0)  # sensor noise standard deviations, in grey levels
+
+
+@functools.lru_cache(maxsize=8)
+def _noise_bank(size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    # one fixed field of Gaussian noise per level, split into its positive and negative parts so that adding
+    # it is two saturating uint8 ops; each image takes a random window of it
+    n = np.random.default_rng(12345).standard_normal((size + size // 2, size + size // 2, 3)).astype(np.float32)
+    out = []
+    for level in _NOISE_LEVELS:
+        v = np.rint(n * level)
+        out.append((np.clip(v, 0, 255).astype(np.uint8), np.clip(-v, 0, 255).astype(np.uint8)))
+    return out
+
+
+def _noise(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    pos, neg = _noise_bank(size)[int(rng.integers(len(_NOISE_LEVELS)))]
+    dy, dx = rng.integers(0, size // 2 + 1, 2)
+    return pos[dy : dy + size, dx : dx + size], neg[dy : dy + size, dx : dx + size]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -633,6 +666,8 @@ class SyntheticFaces:
             yield self[index]
 
 
-def synthetic_faces(identities: int = 40, images_per_identity: int = 10, seed: int = 0, size: int = 250) -> SyntheticFaces:
+def synthetic_faces(
+    identities: int = 40, images_per_identity: int = 10, seed: int = 0, size: int = 250
+) -> SyntheticFaces:
     """The built-in synthetic dataset (see :class:`SyntheticFaces`)."""
     return SyntheticFaces(identities, images_per_identity, seed, size)

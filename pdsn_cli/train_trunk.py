@@ -120,14 +120,15 @@ def read_training_images(path: str | os.PathLike) -> TrainData:
         return TrainData(chips.image, chips.label.astype(np.int64), chips.template, "chips")
     if kind == "pairs":
         from pdsn_cli import pairs_h5
-        from pdsn_cli.h5util import open_checked
+        from pdsn_cli.h5util import read_strings
 
-        with open_checked(path, pairs_h5.KIND, pairs_h5.SCHEMA) as f:
-            for name in ("clean", "label"):
-                if name not in f:
-                    raise SchemaError(f"{path} has no {name!r} dataset")
+        with pairs_h5.open_pairs(path) as f:
+            # a pairs file repeats each clean chip once per occluded copy; train (and hold out) each once,
+            # or held-out "same identity" pairs could be an image against itself
+            _, first = np.unique(np.array(read_strings(f["source"]), dtype=object), return_index=True)
+            rows = np.sort(first)
             return TrainData(
-                f["clean"][()], f["label"][()].astype(np.int64), str(f.attrs.get("template", "")), "pairs"
+                f["clean"][rows], f["label"][rows].astype(np.int64), str(f.attrs.get("template", "")), "pairs"
             )
     raise SchemaError(f"{path} is neither a pdsn chips nor a pairs file (pdsn_kind={kind!r})")
 
@@ -295,6 +296,8 @@ def _validate(cfg: TrainTrunkConfig, world: int) -> None:
         raise BadInputError(f"lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.holdout < 1:
         raise BadInputError(f"holdout must be in [0, 1), got {cfg.holdout}")
+    if cfg.holdout > 0 and cfg.eval_pairs < 2:
+        raise BadInputError(f"eval_pairs must be >= 2 when identities are held out, got {cfg.eval_pairs}")
     if any(not 0 < f <= 1 for f in cfg.lr_steps):
         raise BadInputError(f"lr_steps are fractions of training in (0, 1], got {list(cfg.lr_steps)}")
     if cfg.batch_size % world:
@@ -325,7 +328,7 @@ def train_trunk(cfg: TrainTrunkConfig, progress: Callable[[dict], None] | None =
     """Train ``cfg.trunk`` on ``cfg.data``; returns a summary dict (see module docstring).
 
     ``progress``, if given, is called on rank 0 after every step with
-    ``{"step", "total", "epoch", "loss", "lr"}``. SIGINT stops at the next step boundary after writing a
+    ``{"step", "total", "epoch", "epochs", "loss", "lr"}``. SIGINT stops at the next step boundary after writing a
     checkpoint, then raises KeyboardInterrupt; ``resume=True`` continues from it.
     """
     procs = _Processes(cfg.gpu)
@@ -373,6 +376,11 @@ def _train(cfg: TrainTrunkConfig, procs: _Processes, progress) -> dict:
             f"{len(train_idx)} training images cannot fill one batch of {cfg.batch_size}; lower the batch size"
         )
     total = cfg.epochs * steps_per_epoch
+    if ckpt is not None and (ckpt["train_images"], ckpt["classes"]) != (len(train_idx), len(classes)):
+        raise BadInputError(
+            f"{cfg.data} gives {len(train_idx)} training images of {len(classes)} identities, the checkpoint "
+            f"was trained on {ckpt['train_images']} of {ckpt['classes']}: not the same data, cannot resume"
+        )
 
     head = build_head(cfg.head, trunk.embedding_dim, len(classes), cfg.s, cfg.m)
     net = _TrainNet(trunk, head).to(device)
@@ -427,7 +435,8 @@ def _train(cfg: TrainTrunkConfig, procs: _Processes, progress) -> dict:
             save_checkpoint(
                 ckpt_path,
                 format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, config=cfg.plain(),
-                trunk=cfg.trunk, head=cfg.head, classes=int(len(classes)), world_size=procs.world,
+                trunk=cfg.trunk, head=cfg.head, classes=int(len(classes)), train_images=int(len(train_idx)),
+                world_size=procs.world,
                 step=step, total_steps=total, steps_per_epoch=steps_per_epoch,
                 model=trunk.state_dict(), head_state=head.state_dict(), optimizer=opt.state_dict(),
                 epoch_losses=epoch_losses, run_loss_sum=run_sum, run_loss_n=run_n, rng=states,
@@ -463,8 +472,9 @@ def _train(cfg: TrainTrunkConfig, procs: _Processes, progress) -> dict:
             # so every process takes the same decision at the same step
             vote = torch.tensor(float(stop.requested), device=device)
             stats = procs.all_sum(torch.stack([loss.detach().float(), vote]))
-            loss_v = stats[0].item() / procs.world
-            stop_all = procs.distributed and stats[1].item() > 0
+            loss_sum, votes = stats.tolist()
+            loss_v = loss_sum / procs.world
+            stop_all = procs.distributed and votes > 0
             if not math.isfinite(loss_v):
                 raise JobFailed(
                     f"loss became {loss_v} at step {step + 1}/{total}; {_kept(written_step, ckpt_path)} "
@@ -480,7 +490,8 @@ def _train(cfg: TrainTrunkConfig, procs: _Processes, progress) -> dict:
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
                 save(step + 1)
             if progress is not None and procs.main:
-                progress({"step": step + 1, "total": total, "epoch": epoch + 1, "loss": loss_v, "lr": lr})
+                info = {"step": step + 1, "total": total, "epoch": epoch + 1, "epochs": cfg.epochs}
+                progress({**info, "loss": loss_v, "lr": lr})
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0

@@ -23,7 +23,8 @@ def face_like_chip(rng: np.random.Generator, size: int = 150) -> np.ndarray:
     """A 150×150 RGB chip with a smooth background, a skin-toned face ellipse, eyes, brows, nose
     and mouth, plus fine texture: enough structure to drive every layer away from degenerate
     activations (the port is compared numerically, not semantically)."""
-    img = cv2.resize(rng.uniform(0, 255, (5, 5, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    low = rng.uniform(0, 255, (5, 5, 3)).astype(np.float32)
+    img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
     c = size / 2
     cx, cy = int(c + rng.normal(0, 3)), int(c + rng.normal(0, 4))
     skin = rng.uniform([150, 100, 80], [235, 185, 155]).tolist()
@@ -43,6 +44,16 @@ def face_like_chip(rng: np.random.Generator, size: int = 150) -> np.ndarray:
 
 def to_batch(chips: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # The suite shares 2 cores with other work; OpenMP's 2-thread barriers stall badly when the
+    # other core is busy (a batch-2 forward goes from ~20 ms to ~1 s), one thread does not.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +181,15 @@ def test_shapes_and_split_at_every_mask_point(model, chips):
     assert model.default_mask_point == "level0"
     with pytest.raises(BadInputError):
         model.features(x, "level4")
+
+
+def test_gradient_reaches_a_feature_mask(model, chips):
+    # PDSN learns masks on frozen features: the head must be differentiable w.r.t. its input
+    with torch.no_grad():
+        f = model.features(to_batch(chips[:1]), "level1")
+    mask = torch.ones(f.shape[1:], requires_grad=True)
+    model.head(f * mask, "level1").pow(2).sum().backward()
+    assert mask.grad is not None and torch.isfinite(mask.grad).all() and mask.grad.abs().sum() > 0
 
 
 def test_untrained_module_has_the_same_shapes():

@@ -22,7 +22,10 @@ def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            if isinstance(m, torch.nn.Conv2d):
+                # fan-in scaling keeps 100 layers finite (arcface_torch's N(0, 0.1) init overflows in eval)
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
+            elif isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
@@ -82,15 +85,23 @@ def test_release_names_and_round_trip(tmp_path, name, builder):
     if name in RELEASE_KEY_COUNT:
         assert len(sd) == RELEASE_KEY_COUNT[name]
     # releases wrap weights as {"state_dict": ...} saved through DataParallel
+    release = {"module." + k: v for k, v in sd.items()}
+    if name == "lresnet50e-ir":
+        # FROM / PDSN-Siamese checkpoints carry their mask branch beside the trunk
+        release["module.fpn.P5_1.weight"] = torch.zeros(256, 512, 1, 1)
+        release["module.regress.2.weight"] = torch.zeros(101, 21504)
     path = tmp_path / f"{name}.pth.tar"
-    save_checkpoint(path, state_dict={"module." + k: v for k, v in sd.items()}, epoch=3, arch=name)
+    save_checkpoint(path, state_dict=release, epoch=3, arch=name)
     loaded = builder(str(path)).eval()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
-    x = _image(model)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
     assert loaded.name == name
+    if name != "iresnet100":  # equal weights already imply it; its forward alone costs seconds on a CPU
+        x = _image(model)
+        with torch.no_grad():
+            out = model(x)
+            assert torch.isfinite(out).all()
+            assert torch.equal(loaded(x), out)
 
 
 def test_lresnet_geometry_and_split():
@@ -98,29 +109,18 @@ def test_lresnet_geometry_and_split():
     m = _perturb(build_lresnet(None))
     assert (m.template, m.input_size, m.embedding_dim) == ("arc112x96", (112, 96), 512)
     assert m.default_mask_point == "layer4"
-    x = _image(m, 2)
+    x = _image(m, 1)
     with torch.no_grad():
         f4 = m.features(x)
-        assert tuple(f4.shape) == (2, 512, 7, 6)
+        assert tuple(f4.shape) == (1, 512, 7, 6)
         out = m(x)
-        assert out.shape == (2, 512)
+        assert out.shape == (1, 512)
         assert torch.equal(m.head(f4), out)
         f3 = m.features(x, "layer3")
-        assert tuple(f3.shape) == (2, 256, 14, 12)
-        torch.testing.assert_close(m.head(f3, "layer3"), out, rtol=0, atol=0)
+        assert tuple(f3.shape) == (1, 256, 14, 12)
+        assert torch.equal(m.head(f3, "layer3"), out)
     with pytest.raises(BadInputError, match="no mask point"):
         m.features(x, "layer9")
-
-
-def test_lresnet_ignores_release_side_branches(tmp_path):
-    """FROM / PDSN-Siamese checkpoints carry a mask branch beside the trunk; the trunk loads from them."""
-    m = _perturb(build_lresnet(None))
-    sd = dict(m.state_dict())
-    sd["fpn.P5_1.weight"] = torch.zeros(256, 512, 1, 1)
-    sd["regress.2.weight"] = torch.zeros(101, 21504)
-    save_checkpoint(tmp_path / "from.pth.tar", state_dict=sd)
-    loaded = build_lresnet(str(tmp_path / "from.pth.tar"))
-    assert torch.equal(loaded.state_dict()["fc.2.weight"], sd["fc.2.weight"])
 
 
 def test_iresnet_geometry_and_frozen_embedding_scale():
@@ -198,7 +198,7 @@ def test_code_executing_pickle_is_refused(tmp_path, writer):
         torch.save(payload, path)
     else:
         with open(path, "wb") as f:
-            pickle.dump(payload, f)
+            pickle.dump(payload, f, protocol=2)
     assert not marker.exists()
     with pytest.raises(SchemaError, match="refused"):
         load_state_dict_safely(build_tiny(None), path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -35,16 +36,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # The weights-only unpickler met a global it will not import: the file wants to run code or
-        # rebuild arbitrary objects. Refusing is the point; the first line of torch's message names it.
-        why = str(e).strip().splitlines()
-        hint = next((ln.strip() for ln in why if "GLOBAL" in ln or "global" in ln), why[0] if why else "")
+        # The weights-only unpickler met a global it will not import: the file wants to run code or rebuild
+        # arbitrary objects. Refusing is the point; name the global, not torch's advice to allow it.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise SchemaError(f"{path} is not a readable torch checkpoint (truncated or foreign?)") from None
         raise SchemaError(
-            f"{path} is not a plain weights file (it would execute code or build arbitrary objects when "
-            f"loaded), refused: {hint[:200]}"
+            f"{path} is not a plain weights file: loading it would call {found.group(1)}, refused "
+            "(only tensors and plain containers are loaded)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SchemaError(f"{path} is not a readable torch checkpoint (truncated or foreign?): {e}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SchemaError(f"{path} is not a readable torch checkpoint (truncated or foreign?): {first}") from None
     if not isinstance(obj, Mapping):
         raise SchemaError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     return dict(obj)

@@ -279,7 +279,7 @@ def read_net(data: bytes | memoryview, name: str = "<bytes>") -> DlibNet:
     try:
         loss = None
         version = r.int()
-        if r.peek_string() and (r.peek_string() or "").startswith("loss_"):
+        if (r.peek_string() or "").startswith("loss_"):
             if version != 1:
                 raise r.error(f"unknown add_loss_layer version {version}")
             loss = _read_loss(r)

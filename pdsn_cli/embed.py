@@ -1,0 +1,208 @@
+"""``pdsn embed``: images → L2-normalised embeddings in HDF5 (optionally PDSN-masked, optionally with features).
+
+Inputs: an identity folder (aligned on the fly, through the chip cache), a text list of image paths, or an HDF5
+file of chips (``chips``) or pairs (``clean`` or ``occluded`` rows). Output (``pdsn_kind = "embeddings"``):
+
+- ``embedding``  float32 N×D   L2-normalised
+- ``features``   float32 N×C×H×W (``--features``): the trunk's mask-point features, unmasked
+- ``fdm_kept``   float32 N     fraction of feature elements kept by the FDM (``--dict``)
+- ``label`` int64 N, ``identity`` str C, ``source`` str N
+- attrs: trunk, mask_point, template, flip, dictionary, occlusion_source
+
+Rows are written in chunks to ``<out>.partial``; ``--resume`` continues after the last complete chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pdsn_cli import chips_h5, pairs_h5
+from pdsn_cli.atomic import atomic_output, check_writable, partial_path
+from pdsn_cli.chips import AlignReport, ChipCache, chips_from_arrays
+from pdsn_cli.device import resolve_device
+from pdsn_cli.errors import BadInputError, SchemaError
+from pdsn_cli.faces import FaceItem, list_identity_folder, printable
+from pdsn_cli.features import embed_features, extract_features
+from pdsn_cli.h5util import STR, append_rows, make_growable, stamp
+from pdsn_cli.models import build_trunk
+
+KIND = "embeddings"
+SCHEMA = 1
+CHUNK = 512
+
+
+@dataclass
+class EmbedConfig:
+    input: Path
+    out: Path
+    trunk: str = "dlib-resnet"
+    weights: str | None = None
+    which: str = "clean"  # for pairs files: clean | occluded
+    data_dir: Path | None = None  # root for relative paths of a list file
+    dict_path: Path | None = None
+    occlusion_source: str = "detector"  # oracle (pairs files only) | detector
+    detector: Path | None = None
+    block_threshold: float = 0.25
+    flip: bool = False
+    features: bool = False
+    batch_size: int = 64
+    gpu: int | None = None
+    workers: int = 1
+    resume: bool = False
+    cache_dir: Path | None = None
+
+
+def _load_input(cfg: EmbedConfig, template: str, progress=None):
+    """(chips, occupancy or None, report) for any supported input."""
+    p = cfg.input
+    if p.is_dir():
+        items, skipped = list_identity_folder(p)
+        return _align(p, items, skipped, template, cfg, progress)
+    if not p.is_file():
+        raise BadInputError(f"input not found: {p}")
+    if p.suffix in (".h5", ".hdf5"):
+        with h5py.File(p, "r") as f:
+            kind = f.attrs.get("pdsn_kind")
+        if kind == pairs_h5.KIND:
+            if cfg.which not in ("clean", "occluded"):
+                raise BadInputError(f"--which must be clean or occluded, got {cfg.which!r}")
+            pr = pairs_h5.read_pairs(p)
+            if pr.attrs["template"] != template:
+                raise SchemaError(f"{p} holds {pr.attrs['template']} chips, trunk needs {template}")
+            img = pr.clean if cfg.which == "clean" else pr.occluded
+            occ = pr.blocks if cfg.which == "occluded" else np.zeros_like(pr.blocks)
+            ids = [pr.identity[i] for i in pr.label]
+            return chips_from_arrays(img, pr.landmarks, ids, pr.source, np.zeros(len(ids)), template, False), occ, AlignReport(images=len(ids))
+        if kind == chips_h5.KIND:
+            ch = chips_h5.read_chips(p)
+            if ch.template != template:
+                raise SchemaError(f"{p} holds {ch.template} chips, trunk needs {template}")
+            return ch, None, AlignReport(images=len(ch))
+        raise SchemaError(f"{p} is not a pdsn chips or pairs file (pdsn_kind={kind!r})")
+    # a text list of image paths
+    root = cfg.data_dir or p.parent
+    items = []
+    for n, line in enumerate(p.read_text(encoding="utf-8", errors="surrogateescape").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        from pdsn_cli.faces import resolve_inside
+
+        try:
+            resolve_inside(Path(root), line)
+        except BadInputError as e:
+            raise SchemaError(f"{p}:{n}: {e}") from None
+        items.append(FaceItem(printable(line), printable(Path(line).parent.name or "unknown")))
+    if not items:
+        raise BadInputError(f"{p} lists no image")
+    return _align(Path(root), items, [], template, cfg, progress)
+
+
+def _align(root, items, skipped, template, cfg, progress):
+    cache = ChipCache(root, template, cfg.cache_dir)
+    rep = cache.ensure(items, workers=cfg.workers, progress=progress)
+    rep.skipped = skipped + rep.skipped
+    bad = {s.path for s in rep.skipped}
+    good = [it.path for it in items if it.path not in bad]
+    if not good:
+        raise BadInputError(f"none of the images in {cfg.input} could be read")
+    return cache.load(good), None, rep
+
+
+def embed(cfg: EmbedConfig, progress=None) -> dict:
+    from pdsn_cli import fdm as fdm_mod
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.gpu)
+    check_writable(cfg.out)
+    trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
+    point = trunk.default_mask_point
+    dictionary = detector = None
+    if cfg.dict_path is not None:
+        dictionary = fdm_mod.load(cfg.dict_path)
+        dictionary.check_for(trunk.name, dictionary.mask_point, cfg.dict_path)
+        point = dictionary.mask_point
+        if cfg.occlusion_source == "detector":
+            if cfg.detector is None:
+                raise BadInputError("--dict with --occlusion detector needs --detector FILE (pdsn train-detector)")
+            from pdsn_cli.detector import OcclusionDetector
+
+            detector = OcclusionDetector.load(cfg.detector)
+        elif cfg.occlusion_source != "oracle":
+            raise BadInputError(f"--occlusion must be oracle or detector, got {cfg.occlusion_source!r}")
+    stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
+    chips, occ, rep = _load_input(cfg, trunk.template, stage("align"))
+    if dictionary is not None and cfg.occlusion_source == "oracle" and occ is None:
+        raise BadInputError("--occlusion oracle needs a pairs file as input (its occlusion masks are known)")
+    c, h, w = trunk.feature_shape(point)
+    tmp = partial_path(cfg.out)
+    start = _resume_rows(tmp, trunk.name, point) if cfg.resume and tmp.exists() else 0
+    empty_total = 0
+    with atomic_output(cfg.out, keep_partial_on_interrupt=True) as tmp_out:
+        if start == 0:
+            with h5py.File(tmp_out, "w") as f:
+                stamp(f, KIND, SCHEMA, trunk=trunk.name, mask_point=point, template=trunk.template, flip=cfg.flip,
+                      dictionary=str(cfg.dict_path or ""), occlusion_source=cfg.occlusion_source if dictionary else "",
+                      complete=False)
+                make_growable(f, "embedding", (trunk.embedding_dim,), np.float32, compress=False)
+                if cfg.features:
+                    make_growable(f, "features", (c, h, w), np.float32, chunk_rows=16)
+                make_growable(f, "fdm_kept", (), np.float32, compress=False)
+                make_growable(f, "label", (), np.int64, compress=False)
+                make_growable(f, "source", (), STR, compress=False)
+                f.create_dataset("identity", data=np.array(chips.identity, dtype=object), dtype=STR)
+        with h5py.File(tmp_out, "r+") as f:
+            for a in range(start, len(chips), CHUNK):
+                sl = slice(a, min(a + CHUNK, len(chips)))
+                feats = extract_features(trunk, chips.image[sl], point, cfg.batch_size, device, flip=cfg.flip)
+                masks = None
+                kept = np.ones(sl.stop - sl.start, np.float32)
+                if dictionary is not None:
+                    if detector is not None:
+                        blocks = detector.predict(chips.image[sl]) >= cfg.block_threshold
+                    else:
+                        blocks = occ[sl] >= cfg.block_threshold
+                    from pdsn_cli.benchmark import _masks
+
+                    masks, empty = _masks(dictionary, blocks, cfg.flip)
+                    empty_total += empty
+                    kept = masks.reshape(len(masks), -1).mean(1).astype(np.float32)
+                emb = embed_features(trunk, feats, point, masks, device=device)
+                append_rows(f["embedding"], emb)
+                if cfg.features:
+                    append_rows(f["features"], feats[:, 0] if cfg.flip else feats)
+                append_rows(f["fdm_kept"], kept)
+                append_rows(f["label"], chips.label[sl])
+                append_rows(f["source"], chips.source[sl])
+                f.flush()
+                if progress:
+                    progress("embed", sl.stop, len(chips))
+            f.attrs["complete"] = True
+    return {
+        "out": str(cfg.out), "input": str(cfg.input), "trunk": trunk.name, "mask_point": point,
+        "images": len(chips), "identities": len(chips.identity), "embedding_dim": trunk.embedding_dim,
+        "flip": cfg.flip, "features": cfg.features, "dictionary": str(cfg.dict_path) if cfg.dict_path else None,
+        "all_blocks_discarded_fallbacks": empty_total, "resumed_from": start, "align": rep.as_dict(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _resume_rows(tmp: Path, trunk: str, point: str) -> int:
+    try:
+        f = h5py.File(tmp, "r+")
+    except OSError:
+        raise SchemaError(f"{tmp} is damaged and cannot be resumed; delete it and start again") from None
+    with f:
+        if f.attrs.get("pdsn_kind") != KIND or f.attrs.get("trunk") != trunk or f.attrs.get("mask_point") != point:
+            raise SchemaError(f"{tmp} was written by another embed run; delete it or use the same options")
+        names = [d for d in ("embedding", "features", "fdm_kept", "label", "source") if d in f]
+        n = min(f[d].shape[0] for d in names)
+        n -= n % CHUNK
+        for d in names:
+            f[d].resize(n, axis=0)
+        return n
