@@ -1,20 +1,22 @@
 """How well the occlusion detector finds occluded blocks, and how fast it screens chips.
 
     python benchmarks/detector_eval.py [--template dlib150] [--epochs 12] [--threads 2] [--work DIR]
-                                       [--lfw /work/shared/data/lfw --lfw-images 300]
+                                       [--lfw /work/shared/data/lfw] [--train-on synthetic|lfw|mixed]
 
-1. make-pairs on the built-in synthetic faces: ``random`` occluders (``--per-image`` per image) plus
-   one-block occluders on every grid block for ``--block-images`` of the images; ``pdsn train-detector``'s
-   engine trains on both, holding out ``--val-fraction`` of the source images (its figures: ``val``).
-2. A test set of *new synthetic identities* (another synthetic seed), random + block occluders: the
-   detector never saw these faces (``test``).
-3. With ``--lfw``: the same on real LFW faces (aligned with dlib, occluders composited), which measures the
-   synthetic→real gap (``lfw``).
-4. Inference speed: ``predict`` on ``--speed-chips`` chips at the template's size (resize + network),
-   ``--threads`` torch threads, best of ``--repeats`` passes (the least disturbed by other processes).
+Data (all made by the make-pairs engine): ``random`` occluders (``--per-image`` per image) plus one-block
+occluders on every grid block for ``--block-images`` of the images.
 
-A block counts as occluded when its occupancy is ≥ ``--threshold`` (truth and prediction alike). Prints one
-JSON object.
+- ``synthetic`` train set: the built-in synthetic faces (``--identities`` × ``--images``);
+  ``test_synthetic``: *new* synthetic identities (another synthetic seed).
+- with ``--lfw``: LFW people are split by a hash of their name, 90% train / 10% test, so no person is on
+  both sides; ``lfw`` train set: ``--lfw-train-images`` images of train people; ``test_lfw``:
+  ``--lfw-test-images`` images of test people. (LFW is aligned through the chip cache, warm after one run.)
+
+``--train-on`` picks the training set(s) (``mixed`` = both); ``train_detector`` also holds out
+``--val-fraction`` of the training source images (``val``). Then every test set is scored, and ``predict``
+is timed on ``--speed-chips`` chips of the template's size (resize + network, ``--threads`` torch threads,
+best of ``--repeats`` passes: the least disturbed by other processes). A block counts as occluded when its
+occupancy is ≥ ``--threshold`` (truth and prediction alike). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +62,29 @@ def summary(m: dict) -> dict:
     })
 
 
-def make_sets(work: Path, data: DataSpec, args, tag: str, block_images: int, seed: int) -> list[Path]:
-    paths = []
+def make_sets(work: Path, tag: str, data: DataSpec, args, images: int | None, block_images: int, seed: int,
+              identities: Path | None = None) -> list[Path]:
+    """A ``random`` set of ``images`` images (None: all) and a one-block set of ``block_images`` images."""
+    common = dict(data=data, template=args.template, identities=identities, workers=args.workers)
     rnd = work / f"{tag}_random.h5"
-    make_pairs(MakePairsConfig(out=rnd, data=data, occluder="random", per_image=args.per_image,
-                               template=args.template, seed=seed, limit=args.limit, workers=args.workers))
-    paths.append(rnd)
+    make_pairs(MakePairsConfig(out=rnd, occluder="random", per_image=args.per_image, limit=images, seed=seed,
+                               **common))
+    paths = [rnd]
     if block_images:
         blk = work / f"{tag}_block.h5"
-        make_pairs(MakePairsConfig(out=blk, data=data, block="all", template=args.template, seed=seed + 1,
-                                   limit=block_images, workers=args.workers))
+        make_pairs(MakePairsConfig(out=blk, block="all", limit=block_images, seed=seed + 1, **common))
         paths.append(blk)
+    return paths
+
+
+def split_lfw_people(root: Path, work: Path) -> tuple[Path, Path]:
+    """Identity-list files (train, test): 10% of the people by a stable hash of their name."""
+    people = sorted(d.name for d in root.iterdir() if d.is_dir())
+    test = [p for p in people if zlib.crc32(p.encode()) % 10 == 0]
+    train = [p for p in people if zlib.crc32(p.encode()) % 10 != 0]
+    paths = work / "lfw_train_people.txt", work / "lfw_test_people.txt"
+    for path, names in zip(paths, (train, test)):
+        path.write_text("\n".join(names) + "\n", encoding="utf-8")
     return paths
 
 
@@ -102,12 +117,15 @@ def speed(det: OcclusionDetector, chips: np.ndarray, n: int, repeats: int) -> di
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--template", default="dlib150")
-    ap.add_argument("--identities", type=int, default=60)
+    ap.add_argument("--train-on", choices=("synthetic", "lfw", "mixed"), default="synthetic")
+    ap.add_argument("--identities", type=int, default=60, help="synthetic training identities")
     ap.add_argument("--images", type=int, default=10, help="synthetic images per identity")
+    ap.add_argument("--test-identities", type=int, default=20, help="new synthetic identities for the test set")
     ap.add_argument("--per-image", type=int, default=2, help="random occluders per image")
     ap.add_argument("--block-images", type=int, default=120, help="images that get every one-block occluder")
-    ap.add_argument("--limit", type=int, default=None, help="use only this many synthetic images")
-    ap.add_argument("--test-identities", type=int, default=20)
+    ap.add_argument("--lfw", type=Path, default=None, help="LFW folder: real-face train / test sets")
+    ap.add_argument("--lfw-train-images", type=int, default=1000)
+    ap.add_argument("--lfw-test-images", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -121,10 +139,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", type=int, default=None, help="train (and time) on this CUDA device")
     ap.add_argument("--speed-chips", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--lfw", type=Path, default=None, help="LFW folder for a real-face test set")
-    ap.add_argument("--lfw-images", type=int, default=300)
     ap.add_argument("--work", type=Path, default=None, help="keep the pairs files and detector here")
     args = ap.parse_args(argv)
+    if args.train_on != "synthetic" and args.lfw is None:
+        ap.error(f"--train-on {args.train_on} needs --lfw")
 
     torch.set_num_threads(args.threads)
     tmp = None
@@ -135,11 +153,23 @@ def main(argv=None) -> int:
         work = args.work
         work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train_data = DataSpec(synthetic_identities=args.identities, synthetic_images=args.images, synthetic_seed=0)
-    train_sets = make_sets(work, train_data, args, "train", args.block_images, args.seed)
-    test_data = DataSpec(synthetic_identities=args.test_identities, synthetic_images=args.images, synthetic_seed=1)
-    test_sets = make_sets(work, test_data, args, "test", min(args.block_images, args.test_identities * 2),
-                          args.seed + 100)
+    n_test_block = min(args.block_images, args.test_identities * 2)
+    synth_train = DataSpec(synthetic_identities=args.identities, synthetic_images=args.images, synthetic_seed=0)
+    synth_test = DataSpec(synthetic_identities=args.test_identities, synthetic_images=args.images, synthetic_seed=1)
+    train_sets: list[Path] = []
+    if args.train_on in ("synthetic", "mixed"):
+        train_sets += make_sets(work, "synthetic_train", synth_train, args, None, args.block_images, args.seed)
+    test_sets = {"test_synthetic": make_sets(work, "synthetic_test", synth_test, args, None, n_test_block,
+                                             args.seed + 100)}
+    if args.lfw is not None:
+        train_people, test_people = split_lfw_people(args.lfw, work)
+        lfw = DataSpec(root=args.lfw)
+        if args.train_on in ("lfw", "mixed"):
+            train_sets += make_sets(work, "lfw_train", lfw, args, args.lfw_train_images, args.block_images,
+                                    args.seed + 200, train_people)
+        test_sets["test_lfw"] = make_sets(work, "lfw_test", lfw, args, args.lfw_test_images,
+                                          min(args.block_images, args.lfw_test_images // 3), args.seed + 300,
+                                          test_people)
     t_pairs = time.perf_counter() - t0
 
     res = train_detector(TrainDetectorConfig(
@@ -154,26 +184,17 @@ def main(argv=None) -> int:
                     "device": res["device"], "load_avg_1m": round(os.getloadavg()[0], 2),
                     "gpu_name": torch.cuda.get_device_name(args.gpu) if args.gpu is not None else None},
         "template": args.template,
-        "data": {"train": {p.name: pairs_h5.num_pairs(p) for p in train_sets},
-                 "test": {p.name: pairs_h5.num_pairs(p) for p in test_sets}},
+        "train_on": args.train_on,
+        "data": {p.name: pairs_h5.num_pairs(p) for p in train_sets + sum(test_sets.values(), [])},
         "train": rounded({k: res[k] for k in ("train_chips", "val_chips", "train_images", "val_images",
                                               "epochs", "parameters", "input_size", "train_seconds",
                                               "loss_history", "val_loss_history")}),
         "val": summary(res),
-        "test_new_identities": summary(evaluate(det, test_sets, args.threshold)),
+        **{name: summary(evaluate(det, paths, args.threshold)) for name, paths in test_sets.items()},
         "pairs_seconds": round(t_pairs, 1),
     }
-
-    lfw = args.lfw
-    if lfw is not None:
-        t = time.perf_counter()
-        lfw_sets = make_sets(work, DataSpec(root=lfw), argparse.Namespace(**{**vars(args), "limit": args.lfw_images}),
-                             "lfw", min(args.block_images, args.lfw_images // 3), args.seed + 200)
-        out["lfw"] = {**summary(evaluate(det, lfw_sets, args.threshold)),
-                      "pairs": {p.name: pairs_h5.num_pairs(p) for p in lfw_sets},
-                      "seconds": round(time.perf_counter() - t, 1)}
-
-    pr = pairs_h5.read_pairs(test_sets[0], select=np.arange(min(256, pairs_h5.num_pairs(test_sets[0]))))
+    first = test_sets["test_synthetic"][0]
+    pr = pairs_h5.read_pairs(first, select=np.arange(min(256, pairs_h5.num_pairs(first))))
     out["speed"] = speed(det, pr.occluded, args.speed_chips, args.repeats)
     print(json.dumps(out, indent=1))
     if tmp is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
+import threading
 from pathlib import Path
 
 from pdsn_cli.errors import BadInputError, JobFailed
@@ -80,3 +82,29 @@ def atomic_output(final: str | os.PathLike, keep_partial_on_interrupt: bool = Fa
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def interrupt_between_steps():
+    """Yield ``check()``, which raises KeyboardInterrupt if Ctrl-C came since the block began.
+
+    Python raises KeyboardInterrupt in whatever bytecode runs next after SIGINT; in an h5py write loop that is
+    nearly always a weakref callback of h5py's object registry, where the exception is reported as "ignored"
+    and dropped, so the job would carry on. Inside this block SIGINT only sets a flag, and the job stops at a
+    step boundary it chooses. A SIGINT that is ignored or handled by someone else is left alone.
+    """
+    hit: list[int] = []
+
+    def check() -> None:
+        if hit:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield check
+        return
+    old = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -219,7 +219,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         results = {"baseline": base}
         if dictionary is not None:
             if detector is not None:
-                blocks = detector.predict(occ_chips) >= cfg.block_threshold
+                blocks = detector.predict(occ_chips, template=trunk.template) >= cfg.block_threshold
             else:
                 blocks = occ >= cfg.block_threshold
             masks, empty = _masks(dictionary, blocks, cfg.flip)

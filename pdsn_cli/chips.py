@@ -66,9 +66,9 @@ def _init_worker() -> None:
 
 
 def _align_file(args):
-    root, rel, template = args
+    root, rel, template, disk = args
     try:
-        image = read_image(Path(root) / rel)
+        image = read_image(Path(root) / disk)
     except BadImage as e:
         return rel, None, str(e)
     arc5, dlib5, detected, faces = _ALIGNER.find_points(image)
@@ -118,7 +118,7 @@ class ChipCache:
             return rep
         n0 = len(self.shards())
         ident = {it.path: it.identity for it in items}
-        jobs = [(str(self.root), it.path, self.template.name) for it in todo]
+        jobs = [(str(self.root), it.path, self.template.name, it.file or it.path) for it in todo]
         pool = None
         if workers > 1:
             pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from pdsn_cli import chips_h5, pairs_h5
-from pdsn_cli.atomic import atomic_output, check_writable, partial_path
+from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps, partial_path
 from pdsn_cli.chips import AlignReport, ChipCache, chips_from_arrays
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, SchemaError
@@ -97,7 +97,8 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None):
             resolve_inside(Path(root), line)
         except BadInputError as e:
             raise SchemaError(f"{p}:{n}: {e}") from None
-        items.append(FaceItem(printable(line), printable(Path(line).parent.name or "unknown")))
+        items.append(FaceItem(printable(line), printable(Path(line).parent.name or "unknown"),
+                              None if printable(line) == line else line))
     if not items:
         raise BadInputError(f"{p} lists no image")
     return _align(Path(root), items, [], template, cfg, progress)
@@ -156,7 +157,7 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                 make_growable(f, "label", (), np.int64, compress=False)
                 make_growable(f, "source", (), STR, compress=False)
                 f.create_dataset("identity", data=np.array(chips.identity, dtype=object), dtype=STR)
-        with h5py.File(tmp_out, "r+") as f:
+        with interrupt_between_steps() as check_interrupt, h5py.File(tmp_out, "r+") as f:
             for a in range(start, len(chips), CHUNK):
                 sl = slice(a, min(a + CHUNK, len(chips)))
                 feats = extract_features(trunk, chips.image[sl], point, cfg.batch_size, device, flip=cfg.flip)
@@ -164,7 +165,7 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                 kept = np.ones(sl.stop - sl.start, np.float32)
                 if dictionary is not None:
                     if detector is not None:
-                        blocks = detector.predict(chips.image[sl]) >= cfg.block_threshold
+                        blocks = detector.predict(chips.image[sl], template=trunk.template) >= cfg.block_threshold
                     else:
                         blocks = occ[sl] >= cfg.block_threshold
                     from pdsn_cli.benchmark import _masks
@@ -182,6 +183,7 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                 f.flush()
                 if progress:
                     progress("embed", sl.stop, len(chips))
+                check_interrupt()
             f.attrs["complete"] = True
     return {
         "out": str(cfg.out), "input": str(cfg.input), "trunk": trunk.name, "mask_point": point,

@@ -27,8 +27,10 @@ class BadImage(Exception):
 
 @dataclass(frozen=True)
 class FaceItem:
-    path: str  # relative to the data root, '/'-separated
+    path: str  # relative to the data root, '/'-separated, printable (see ``printable``)
     identity: str
+    #: the relative path on disk when it differs from ``path`` (a non-UTF-8 name, surrogate-escaped)
+    file: str | None = None
 
 
 @dataclass
@@ -45,7 +47,7 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | bytes | os.PathLike) -> np.ndarray:
     """Decode any common image to RGB uint8 H×W×3, or raise BadImage with the reason.
 
     Pillow reads the header first, so a decompression bomb is refused before any pixel is decoded, and its
@@ -53,7 +55,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    path = Path(os.fsdecode(path))  # bytes paths (non-UTF-8 names) become surrogate-escaped str
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -145,7 +147,8 @@ def list_identity_folder(root: str | os.PathLike, identities: set[str] | None = 
             if Path(f.name).suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append(Skipped(rel, "not an image file extension"))
                 continue
-            items.append(FaceItem(rel, ident))
+            disk = f"{person.name}/{f.name}"
+            items.append(FaceItem(rel, ident, None if disk == rel else disk))
     return items, skipped
 
 

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from pdsn_cli import pairs_h5
-from pdsn_cli.atomic import atomic_output, check_writable, partial_path
+from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps, partial_path
 from pdsn_cli.chips import DataSpec, load_chips
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.faces import read_identity_list
@@ -153,7 +153,7 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
         done = start
         preview = []
         try:
-            with h5py.File(tmp, "r+") as f:
+            with interrupt_between_steps() as check_interrupt, h5py.File(tmp, "r+") as f:
                 for res in results:
                     idx = [r[0] for r in res]
                     pairs_h5.append(
@@ -170,6 +170,7 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
                     done += len(res)
                     if progress:
                         progress(done, len(jobs))
+                    check_interrupt()
                 f.attrs["complete"] = True
                 n_total = int(f["label"].shape[0])
                 n_ids = int(f["identity"].shape[0])

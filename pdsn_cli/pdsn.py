@@ -71,6 +71,7 @@ class TrainBlockConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 0.01
+    optimizer: str = "sgd"  # sgd (the paper's) | adam
     lam: float = 10.0
     s: float = 30.0
     m: float = 0.35
@@ -189,7 +190,12 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     c, h, w = feats.clean.shape[1:]
     n = len(blocks)
     gen = MaskGenerators(n, c).to(device)
-    opt = torch.optim.SGD(gen.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(gen.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    else:
+        raise BadInputError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
     block_rows = [np.flatnonzero(feats.target == j) for j in blocks]
     steps_per_epoch = math.ceil(max(len(r) for r in block_rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -236,8 +242,9 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
             sums += [loss.item() / n, ce.mean().item(), l1.mean().item()]
             if train_cb:
                 train_cb(epoch * steps_per_epoch + step + 1, total)
-        history.append({"epoch": epoch + 1, "loss": sums[0] / steps_per_epoch, "ce": sums[1] / steps_per_epoch,
-                        "l1": sums[2] / steps_per_epoch})
+        # plain floats: numpy scalars would make the checkpoint unloadable with weights_only=True
+        history.append({"epoch": epoch + 1, "loss": float(sums[0] / steps_per_epoch),
+                        "ce": float(sums[1] / steps_per_epoch), "l1": float(sums[2] / steps_per_epoch)})
         if log:
             log(history[-1])
         _save_state(cfg.out.with_name(cfg.out.name + ".ckpt"), gen, opt, sched, epoch + 1, history, meta)
