@@ -184,7 +184,8 @@ def make_pairs_cmd(
         seed=seed, workers=workers, append=append, resume=resume, preview=preview,
     )
     argv = " ".join(sys.argv[1:])
-    with handled(resume_hint=f"pdsn {argv} --resume" if "--resume" not in argv else f"pdsn {argv}"):
+    hint = f"pdsn {argv}" if ("--resume" in argv or append) else f"pdsn {argv} --resume"
+    with handled(resume_hint=hint):
         if json_path is not None:
             from pdsn_cli.atomic import check_writable
 

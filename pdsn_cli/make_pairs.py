@@ -142,7 +142,8 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
             f.attrs["complete"] = False
     t1 = time.perf_counter()
     kinds = Counter()
-    with atomic_output(cfg.out, keep_partial_on_interrupt=True) as tmp_out:
+    # an interrupted append is dropped whole (the original file was never touched): rerunning it is the resume
+    with atomic_output(cfg.out, keep_partial_on_interrupt=not cfg.append) as tmp_out:
         assert tmp_out == tmp
         if start == 0 and not cfg.append:
             with h5py.File(tmp, "w") as f:

@@ -122,9 +122,13 @@ def cached_pair_features(trunk, weights, pairs_path: Path, point: str, device, r
 
     from pdsn_cli.chips import default_cache_dir
 
+    if weights is None and trunk.name != "dlib-resnet":  # a random init: nothing worth reusing
+        return pair_features(trunk, pairs_path, point, device, progress, rows)
     st = Path(pairs_path).stat()
+    wst = Path(weights).stat() if weights is not None else None
     key = hashlib.sha1(repr((str(Path(pairs_path).resolve()), st.st_size, st.st_mtime_ns, trunk.name, str(weights),
-                             point, np.asarray(rows).tobytes())).encode()).hexdigest()[:16]
+                             wst and (wst.st_size, wst.st_mtime_ns), point, np.asarray(rows).tobytes())
+                            ).encode()).hexdigest()[:16]
     path = default_cache_dir() / "features" / f"{Path(pairs_path).stem}-{trunk.name}-{point}-{key}.npz"
     if path.exists():
         try:

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import LFW_DIR, have_dlib, needs_dlib
+from conftest import LFW_DIR, needs_dlib
 from pdsn_cli.align import TEMPLATES, align_with_points, get_template, similarity_transform, transform_points
 from pdsn_cli.errors import BadInputError
 
@@ -115,7 +115,7 @@ def test_dlib150_chip_equals_dlib_get_face_chip():
     assert compared >= 4, "dlib found too few faces to compare"
 
 
-@pytest.mark.skipif(not have_dlib(), reason="dlib (dlib-bin) is not installed")
+@needs_dlib
 def test_face_aligner_finds_synthetic_faces_or_falls_back_to_a_centred_crop():
     from pdsn_cli.align import FaceAligner
     from pdsn_cli.synthetic import synthetic_faces

@@ -126,9 +126,9 @@ def test_append_adds_rows(block_pairs, tmp_path):
     assert not partial_path(out).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="resuming an interrupted --append counts the original rows as done jobs and "
-                   "truncates them to a chunk multiple (300 -> 256 here): rows are lost (see report)")
-def test_resume_of_an_interrupted_append_keeps_every_row(block_pairs, tmp_path):
+
+
+def test_interrupted_append_leaves_the_original_and_reruns_cleanly(block_pairs, tmp_path):
     out = tmp_path / "grow.h5"
     shutil.copyfile(block_pairs, out)
 
@@ -139,7 +139,8 @@ def test_resume_of_an_interrupted_append_keeps_every_row(block_pairs, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         make_pairs(_cfg(out, block="all", append=True), progress=stop_after_one_chunk)
     assert out.read_bytes() == block_pairs.read_bytes()  # the original is untouched until the append commits
-    make_pairs(_cfg(out, block="all", resume=True))
+    assert not partial_path(out).exists()  # nothing half-appended is kept: rerunning the append is the resume
+    make_pairs(_cfg(out, block="all", append=True))
     grown, base = pairs_h5.read_pairs(out), pairs_h5.read_pairs(block_pairs)
     assert len(grown) == 600
     # same data and seed: the appended rows repeat the original ones
