@@ -175,6 +175,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         raise BadInputError(f"--occlusion must be oracle or detector, got {cfg.occlusion_source!r}")
     if not 0 < cfg.block_threshold <= 1:
         raise BadInputError(f"--block-threshold must be in (0, 1], got {cfg.block_threshold}")
+    if cfg.batch_size < 1:
+        raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
     trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
     point = trunk.default_mask_point
     dictionary = None

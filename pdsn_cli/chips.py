@@ -250,6 +250,8 @@ def load_chips(
     progress=None,
 ) -> tuple[Chips, AlignReport]:
     get_template(template)
+    if limit is not None and limit <= 0:
+        raise BadInputError(f"--limit must be positive, got {limit}")
     if spec.synthetic:
         return _synthetic_chips(spec, template, identities, limit, seed, progress)
     items, skipped = list_identity_folder(spec.root, identities)

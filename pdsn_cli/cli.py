@@ -141,7 +141,17 @@ def data_spec(data_dir: Optional[Path], synthetic_identities: int, synthetic_ima
 DATA_DIR = typer.Option(None, "--data-dir", help="Identity-folder dataset root/<identity>/<image> (LFW, CASIA-WebFace, ...). Default: built-in synthetic faces.")
 SYN_IDS = typer.Option(60, "--synthetic-identities", help="Built-in synthetic set: number of identities.")
 SYN_IMGS = typer.Option(10, "--synthetic-images", help="Built-in synthetic set: images per identity.")
-JSON_OUT = typer.Option(None, "--json", help="Also write the result as JSON to this file.")
+def _json_writable(path: Optional[Path]) -> Optional[Path]:
+    """``--json`` is checked with the other arguments: a bad path found only after the work would lose the run."""
+    if path is not None:
+        from pdsn_cli.atomic import check_writable
+
+        with handled():
+            check_writable(path)
+    return path
+
+
+JSON_OUT = typer.Option(None, "--json", help="Also write the result as JSON to this file.", callback=_json_writable)
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
@@ -239,8 +249,8 @@ def train_block_cmd(
     mask_point: Optional[str] = typer.Option(None, "--mask-point", help="Trunk stage whose features are masked (default: the trunk's)."),
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(32, "--batch-size", help="Pairs per block per step."),
-    lr: float = typer.Option(0.01, "--lr"),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9, the paper's) | adam"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam | sgd (momentum 0.9, the paper's)"),
     lam: float = typer.Option(10.0, "--lambda", help="Weight of the L1 pair-difference term."),
     s: float = typer.Option(30.0, "--scale", help="CosFace scale s."),
     m: float = typer.Option(0.35, "--margin", help="CosFace margin m."),
@@ -393,6 +403,9 @@ def benchmark_cmd(
         out.print(g)
     out.print(f"{res['images']} images ({res['align']['fallback_crops']} without a detected face: centred crop), "
               f"{res['dropped_pairs']} pairs dropped, {res['seconds']} s")
+    if res["align"]["skipped_files"]:  # their pairs were dropped: not the whole protocol
+        out.print(skipped_table(res["align"]["skipped_files"]))
+        raise typer.Exit(EXIT_SKIPPED)
 
 
 @app.command("embed", epilog="""Examples:

@@ -121,6 +121,10 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.gpu)
     check_writable(cfg.out)
+    if cfg.batch_size < 1:
+        raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
+    if cfg.dict_path is not None and not 0 < cfg.block_threshold <= 1:
+        raise BadInputError(f"--block-threshold must be in (0, 1], got {cfg.block_threshold}")
     trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
     point = trunk.default_mask_point
     dictionary = detector = None

@@ -143,6 +143,8 @@ def list_identity_folder(root: str | os.PathLike, identities: set[str] | None = 
             if not is_file:
                 if f.is_symlink():
                     skipped.append(Skipped(rel, "broken or looping symlink"))
+                elif Path(f.name).suffix.lower() in IMAGE_EXTENSIONS:  # a FIFO would block the reader forever
+                    skipped.append(Skipped(rel, "not a regular file (a folder, FIFO or device)"))
                 continue
             if Path(f.name).suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append(Skipped(rel, "not an image file extension"))

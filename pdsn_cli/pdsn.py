@@ -70,8 +70,10 @@ class TrainBlockConfig:
     mask_point: str | None = None
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 0.01
-    optimizer: str = "sgd"  # sgd (the paper's) | adam
+    # Adam 1e-3: on LFW block pairs it reached a lower loss and better masks in the same epochs than the paper's
+    # SGD (lr 0.01 / 0.1, momentum 0.9), which is kept as --optimizer sgd
+    lr: float = 1e-3
+    optimizer: str = "adam"
     lam: float = 10.0
     s: float = 30.0
     m: float = 0.35
@@ -173,6 +175,8 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
             raise BadInputError(f"{name} must be ≥ 1, got {v}")
     if not cfg.lr > 0:
         raise BadInputError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise BadInputError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
     with pairs_h5.open_pairs(cfg.pairs) as f:
         grid = int(f.attrs["grid"])
         targets = f["target"][()]

@@ -32,8 +32,8 @@ class PipelineConfig:
     synthetic_identities: int = 30
     synthetic_images: int = 4
     epochs: int = 10
-    lr: float = 0.01
-    optimizer: str = "sgd"
+    lr: float = 1e-3
+    optimizer: str = "adam"
     tau: float = 0.25
     occlusions: list[str] = field(default_factory=lambda: ["none", "sunglasses", "scarf", "block:12"])
     limit_pairs: int | None = None
@@ -45,9 +45,24 @@ class PipelineConfig:
 def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     from pdsn_cli.models import build_trunk
 
+    from pdsn_cli.benchmark import parse_occlusions
+    from pdsn_cli.device import resolve_device
+
     t0 = time.perf_counter()
-    cfg.work.mkdir(parents=True, exist_ok=True)
+    # every stage's arguments are checked now: a typo found by the last stage would cost the whole run
+    resolve_device(cfg.gpu)
+    if not 0.0 < cfg.tau < 1.0:
+        raise BadInputError(f"--tau must be in (0, 1), got {cfg.tau}")
+    for name, v in (("--epochs", cfg.epochs), ("--per-image", cfg.per_image)):
+        if v < 1:
+            raise BadInputError(f"{name} must be ≥ 1, got {v}")
+    parse_occlusions(cfg.occlusions, 5)
     trunk = build_trunk(cfg.trunk, cfg.weights)
+    trunk.check_point(cfg.mask_point)
+    try:
+        cfg.work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"cannot create --work {cfg.work}: {e.strerror}") from None
     say = log or (lambda msg: None)
     identities = None
     if cfg.data_dir is not None:

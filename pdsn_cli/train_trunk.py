@@ -344,6 +344,13 @@ def _train(cfg: TrainTrunkConfig, procs: _Processes, progress) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out must be a folder, {out} is a file")
+    # the folder is created at the first checkpoint: check now that it can be, not after the first steps
+    base = out
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot create --out {out}: {base} is not a folder" if not base.is_dir()
+                            else f"cannot create --out {out}: {base} is not writable")
     ckpt_path, trunk_path = out / CHECKPOINT_NAME, out / TRUNK_NAME
     ckpt = None
     if ckpt_path.exists():

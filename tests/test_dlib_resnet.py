@@ -177,8 +177,8 @@ def test_shapes_and_split_at_every_mask_point(model, chips):
             assert tuple(f.shape) == (2, *shape)
             torch.testing.assert_close(model.head(f, point), full, rtol=0, atol=1e-5)
         torch.testing.assert_close(model.head(model.features(x)), full, rtol=0, atol=1e-5)
-    assert model.feature_shape() == POINT_SHAPES["level0"]
-    assert model.default_mask_point == "level0"
+    assert model.feature_shape() == POINT_SHAPES["level2"]
+    assert model.default_mask_point == "level2"
     with pytest.raises(BadInputError):
         model.features(x, "level4")
 
