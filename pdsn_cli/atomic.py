@@ -72,16 +72,23 @@ def atomic_output(final: str | os.PathLike, keep_partial_on_interrupt: bool = Fa
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         raise
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if e.errno == errno.ENOSPC:
+        if _disk_full(e):
             raise JobFailed(f"disk full while writing {final} ({final} left as it was)") from e
         raise
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain: writers such as torch.save wrap the OSError in their own error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import torch
 from pdsn_cli.chips import AlignReport, ChipCache, DataSpec, chips_from_arrays, default_cache_dir
 from pdsn_cli.chips_h5 import Chips
 from pdsn_cli.device import resolve_device
-from pdsn_cli.errors import BadInputError
+from pdsn_cli.errors import BadInputError, JobFailed
 from pdsn_cli.faces import FaceItem
 from pdsn_cli.features import embed_features, extract_features
 from pdsn_cli.models import build_trunk
@@ -184,6 +184,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         dictionary = fdm_mod.load(cfg.dict_path)
         dictionary.check_for(trunk.name, dictionary.mask_point, cfg.dict_path)
         point = trunk.check_point(dictionary.mask_point)
+        dictionary.check_features(trunk.feature_shape(point), cfg.dict_path)
     grid = dictionary.grid if dictionary else 5
     variants = parse_occlusions(cfg.occlusions, grid)
     detector = None
@@ -193,6 +194,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         from pdsn_cli.detector import OcclusionDetector
 
         detector = OcclusionDetector.load(cfg.detector)
+        detector.check_for(trunk.template, dictionary.grid if dictionary else None, cfg.detector)
     if cfg.plot is not None:
         from pdsn_cli.atomic import check_writable
 
@@ -211,6 +213,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
 
     feats = extract_features(trunk, vs.chips.image, point, cfg.batch_size, device, flip=cfg.flip,
                              progress=stage("features"))
+    if not np.isfinite(feats).all():
+        raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
     rows, curves, grid_rows = [], {}, {}
     for vi, variant in enumerate(variants):
         occ_chips, occ = occlude_second(vs, variant, grid, cfg.seed)

@@ -24,7 +24,9 @@ from pdsn_cli.align import FaceAligner, align_with_points, get_template
 from pdsn_cli.atomic import atomic_output
 from pdsn_cli.chips_h5 import ALIGNED_DETECTED, ALIGNED_FALLBACK, ALIGNED_KNOWN, Chips, ChipsWriter
 from pdsn_cli.errors import BadInputError
+from pdsn_cli.h5util import read_rows
 from pdsn_cli.faces import BadImage, FaceItem, Skipped, list_identity_folder, read_image
+from pdsn_cli.h5util import open_for_writing
 
 SHARD_SIZE = 512
 
@@ -157,7 +159,7 @@ class ChipCache:
     def _write_shard(self, n: int, buf, ident) -> None:
         h, w = self.template.size
         with atomic_output(self.dir / f"chips-{n:05d}.h5") as tmp:
-            with h5py.File(tmp, "w") as f:
+            with open_for_writing(tmp) as f:
                 wr = ChipsWriter(f, self.template.name, (h, w), str(self.root), synthetic=False)
                 wr.add(
                     [r[0] for _, r in buf],
@@ -188,7 +190,7 @@ class ChipCache:
                 order = np.argsort(rows)
                 outs = np.array([o for o, _ in pairs])[order]
                 rows = rows[order]
-                image[outs] = f["image"][rows]
+                image[outs] = read_rows(f["image"], rows)
                 landmarks[outs] = f["landmarks"][rows]
                 aligned_by[outs] = f["aligned_by"][rows]
                 ids[outs] = ident_names[labels[rows]]
@@ -301,7 +303,7 @@ def export_chips(spec: DataSpec, template: str, out: Path, identities=None, limi
     check_writable(out)
     chips, rep = load_chips(spec, template, identities, limit, seed, workers, progress=progress)
     with atomic_output(out) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with open_for_writing(tmp) as f:
             wr = ChipsWriter(f, template, chips.image.shape[1:3], spec.describe(), spec.synthetic)
             for a in range(0, len(chips), 1024):
                 s = slice(a, a + 1024)

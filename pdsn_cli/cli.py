@@ -117,6 +117,12 @@ def skipped_table(skipped: list[dict], limit: int = 20) -> Table:
     return t
 
 
+def resume_command() -> str:
+    """This command line with ``--resume`` once (an interrupted run may itself have been a resumed one)."""
+    argv = sys.argv[1:]
+    return " ".join(["pdsn", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def work_dir() -> Path:
     """Where commands put and find their outputs when no path is given (``$PDSN_WORK``, default ./pdsn-work)."""
     import os
@@ -270,8 +276,7 @@ def train_block_cmd(
     cfg = TrainBlockConfig(pairs=pairs, out=out_path, trunk=trunk, weights=weights, block=block,
                            mask_point=mask_point, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, lam=lam, s=s, m=m,
                            seed=seed, gpu=gpu, resume=resume)
-    argv = " ".join(sys.argv[1:])
-    with handled(resume_hint=f"pdsn {argv} --resume"):
+    with handled(resume_hint=resume_command()):
         with Bars(quiet) as bars:
             res = train_blocks(cfg, progress=bars.multi())
         write_json(json_path, res)
@@ -443,8 +448,7 @@ def embed_cmd(
                       dict_path=dict_path, occlusion_source=occlusion, detector=detector,
                       block_threshold=block_threshold, flip=flip, features=features, batch_size=batch_size, gpu=gpu,
                       workers=workers, resume=resume)
-    argv = " ".join(sys.argv[1:])
-    with handled(resume_hint=f"pdsn {argv} --resume"):
+    with handled(resume_hint=resume_command()):
         with Bars(quiet) as bars:
             res = embed(cfg, progress=bars.multi())
         write_json(json_path, res)
@@ -586,8 +590,7 @@ def train_trunk_cmd(
     cfg = TrainTrunkConfig(data=str(data), out=str(out_dir), trunk=trunk, head=head, s=s, m=m, epochs=epochs,
                            batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every, resume=resume,
                            gpu=gpu, amp=precision == "bf16", init_weights=init_weights)
-    argv = " ".join(sys.argv[1:])
-    with handled(resume_hint=f"pdsn {argv} --resume"):
+    with handled(resume_hint=resume_command()):
         with Bars(quiet) as bars:
             cb = bars.cb("train")
             res = train_trunk(cfg, progress=lambda i: cb(i["step"], i["total"]))

@@ -368,6 +368,14 @@ class OcclusionDetector:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SchemaError(f"{path} is a damaged detector checkpoint: {first[:200]}") from None
 
+    def check_for(self, template: str, grid: int | None = None, path="detector") -> None:
+        """Refuse, before any work, a detector trained on another chip template or grid than the run uses."""
+        if template != self.template:
+            raise SchemaError(f"{path} was trained on {self.template} chips; the trunk needs {template} chips")
+        if grid is not None and grid != self.grid:
+            raise SchemaError(f"{path} predicts a {self.grid}×{self.grid} grid, the dictionary has a "
+                              f"{grid}×{grid} grid")
+
     # -- inference
     def _check_layout(self, chips: np.ndarray, template: str | None) -> None:
         if template is not None and template != self.template:

@@ -25,10 +25,10 @@ from pdsn_cli import chips_h5, pairs_h5
 from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps, partial_path
 from pdsn_cli.chips import AlignReport, ChipCache, chips_from_arrays
 from pdsn_cli.device import resolve_device
-from pdsn_cli.errors import BadInputError, SchemaError
+from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
 from pdsn_cli.faces import FaceItem, list_identity_folder, printable
 from pdsn_cli.features import embed_features, extract_features
-from pdsn_cli.h5util import STR, append_rows, make_growable, stamp
+from pdsn_cli.h5util import STR, append_rows, make_growable, open_for_writing, stamp
 from pdsn_cli.models import build_trunk
 
 KIND = "embeddings"
@@ -66,8 +66,11 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None):
     if not p.is_file():
         raise BadInputError(f"input not found: {p}")
     if p.suffix in (".h5", ".hdf5"):
-        with h5py.File(p, "r") as f:
-            kind = f.attrs.get("pdsn_kind")
+        try:
+            with h5py.File(p, "r") as f:
+                kind = f.attrs.get("pdsn_kind")
+        except OSError as e:
+            raise SchemaError(f"{p} is not a readable HDF5 file (truncated or foreign?): {e}") from None
         if kind == pairs_h5.KIND:
             if cfg.which not in ("clean", "occluded"):
                 raise BadInputError(f"--which must be clean or occluded, got {cfg.which!r}")
@@ -132,25 +135,30 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
         dictionary = fdm_mod.load(cfg.dict_path)
         dictionary.check_for(trunk.name, dictionary.mask_point, cfg.dict_path)
         point = dictionary.mask_point
+        dictionary.check_features(trunk.feature_shape(trunk.check_point(point)), cfg.dict_path)
         if cfg.occlusion_source == "detector":
             if cfg.detector is None:
                 raise BadInputError("--dict with --occlusion detector needs --detector FILE (pdsn train-detector)")
             from pdsn_cli.detector import OcclusionDetector
 
             detector = OcclusionDetector.load(cfg.detector)
+            detector.check_for(trunk.template, dictionary.grid, cfg.detector)
         elif cfg.occlusion_source != "oracle":
             raise BadInputError(f"--occlusion must be oracle or detector, got {cfg.occlusion_source!r}")
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
     chips, occ, rep = _load_input(cfg, trunk.template, stage("align"))
     if dictionary is not None and cfg.occlusion_source == "oracle" and occ is None:
         raise BadInputError("--occlusion oracle needs a pairs file as input (its occlusion masks are known)")
+    if dictionary is not None and cfg.occlusion_source == "oracle" and occ.shape[1:] != (dictionary.grid,) * 2:
+        raise SchemaError(f"{cfg.input} marks occlusions on a {occ.shape[1]}×{occ.shape[2]} grid, {cfg.dict_path} "
+                          f"has a {dictionary.grid}×{dictionary.grid} grid")
     c, h, w = trunk.feature_shape(point)
     tmp = partial_path(cfg.out)
     start = _resume_rows(tmp, trunk.name, point) if cfg.resume and tmp.exists() else 0
     empty_total = 0
     with atomic_output(cfg.out, keep_partial_on_interrupt=True) as tmp_out:
         if start == 0:
-            with h5py.File(tmp_out, "w") as f:
+            with open_for_writing(tmp_out) as f:
                 stamp(f, KIND, SCHEMA, trunk=trunk.name, mask_point=point, template=trunk.template, flip=cfg.flip,
                       dictionary=str(cfg.dict_path or ""), occlusion_source=cfg.occlusion_source if dictionary else "",
                       complete=False)
@@ -161,7 +169,7 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                 make_growable(f, "label", (), np.int64, compress=False)
                 make_growable(f, "source", (), STR, compress=False)
                 f.create_dataset("identity", data=np.array(chips.identity, dtype=object), dtype=STR)
-        with interrupt_between_steps() as check_interrupt, h5py.File(tmp_out, "r+") as f:
+        with interrupt_between_steps() as check_interrupt, open_for_writing(tmp_out, "r+") as f:
             for a in range(start, len(chips), CHUNK):
                 sl = slice(a, min(a + CHUNK, len(chips)))
                 feats = extract_features(trunk, chips.image[sl], point, cfg.batch_size, device, flip=cfg.flip)
@@ -178,6 +186,9 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                     empty_total += empty
                     kept = masks.reshape(len(masks), -1).mean(1).astype(np.float32)
                 emb = embed_features(trunk, feats, point, masks, device=device)
+                if not np.isfinite(emb).all():
+                    raise JobFailed(f"trunk {trunk.name} gives non-finite embeddings (NaN/inf) for images "
+                                    f"{sl.start}..{sl.stop - 1}; check --weights")
                 append_rows(f["embedding"], emb)
                 if cfg.features:
                     append_rows(f["features"], feats[:, 0] if cfg.flip else feats)

@@ -23,7 +23,7 @@ import numpy as np
 
 from pdsn_cli.atomic import atomic_output, check_writable
 from pdsn_cli.errors import BadInputError, SchemaError
-from pdsn_cli.h5util import open_checked, stamp
+from pdsn_cli.h5util import open_checked, open_for_writing, stamp
 
 KIND = "fdm-dict"
 SCHEMA = 1
@@ -58,6 +58,12 @@ class FdmDict:
         if self.trunk != trunk or self.mask_point != mask_point:
             raise SchemaError(f"{path} was built for trunk {self.trunk} at {self.mask_point}, "
                               f"not {trunk} at {mask_point}")
+
+    def check_features(self, shape: tuple[int, int, int], path="dictionary") -> None:
+        """Refuse masks that do not fit the trunk's features (a file edited or made by another tool)."""
+        if tuple(self.fdm.shape[1:]) != tuple(shape):
+            raise SchemaError(f"{path} holds masks of shape {tuple(self.fdm.shape[1:])}, the trunk's features at "
+                              f"{self.mask_point} are {tuple(shape)}")
 
 
 def binarize(mean_mask: np.ndarray, tau: float) -> np.ndarray:
@@ -96,6 +102,7 @@ def build(inputs: list[Path], out: Path, tau: float = 0.25, plot: Path | None = 
     means: dict[int, np.ndarray] = {}
     for path in files:
         st = load_blocks_file(path)
+        _check_blocks_file(st, path)
         key = {k: st[k] for k in ("trunk", "mask_point", "grid", "template", "feature_shape")}
         if first is None:
             first = key
@@ -114,7 +121,7 @@ def build(inputs: list[Path], out: Path, tau: float = 0.25, plot: Path | None = 
         fdm[j] = binarize(m, tau)
         trained[j] = True
     with atomic_output(out) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with open_for_writing(tmp) as f:
             stamp(f, KIND, SCHEMA, trunk=first["trunk"], mask_point=first["mask_point"],
                   template=first["template"], grid=grid, tau=tau, sources=json.dumps([str(p) for p in files]))
             f.create_dataset("fdm", data=fdm, compression="gzip")
@@ -134,6 +141,26 @@ def build(inputs: list[Path], out: Path, tau: float = 0.25, plot: Path | None = 
     }
 
 
+def _check_blocks_file(st: dict, path: Path) -> None:
+    """The entries build reads, and that they agree with each other (blocks on the grid, one mask per block)."""
+    import torch
+
+    missing = [k for k in ("trunk", "mask_point", "grid", "template", "feature_shape", "blocks", "mean_masks")
+               if k not in st]
+    if missing:
+        raise SchemaError(f"{path} is a damaged train-block checkpoint: it lacks {', '.join(missing)}")
+    grid, blocks, masks = st["grid"], st["blocks"], st["mean_masks"]
+    if not isinstance(grid, int) or not 1 <= grid <= 16 or not isinstance(blocks, list) \
+            or not all(isinstance(j, int) and 0 <= j < grid * grid for j in blocks):
+        raise SchemaError(f"{path} is a damaged train-block checkpoint: block list {blocks!r} does not fit a "
+                          f"{grid}×{grid} grid")
+    want = (len(blocks), *st["feature_shape"])
+    if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != tuple(want):
+        got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise SchemaError(f"{path} is a damaged train-block checkpoint: mean_masks are {got}, "
+                          f"{len(blocks)} block(s) of {tuple(st['feature_shape'])} features need {want}")
+
+
 def _mean_pairwise_iou(fdm: np.ndarray) -> float | None:
     """How much the blocks' discarded sets overlap (1 = every block discards the same elements)."""
     if len(fdm) < 2:
@@ -148,11 +175,17 @@ def _mean_pairwise_iou(fdm: np.ndarray) -> float | None:
 
 def load(path: str | os.PathLike) -> FdmDict:
     with open_checked(path, KIND, SCHEMA) as f:
-        return FdmDict(
+        missing = [name for name in ("fdm", "mean_mask", "trained") if name not in f]
+        if missing:
+            raise SchemaError(f"{path} lacks datasets {', '.join(missing)}: not a complete fdm-dict file")
+        d = FdmDict(
             fdm=f["fdm"][()].astype(bool), mean_mask=f["mean_mask"][()], trained=f["trained"][()],
             trunk=str(f.attrs["trunk"]), mask_point=str(f.attrs["mask_point"]), template=str(f.attrs["template"]),
             grid=int(f.attrs["grid"]), tau=float(f.attrs["tau"]),
         )
+    if not len(d.fdm) == len(d.mean_mask) == len(d.trained) == d.grid**2:
+        raise SchemaError(f"{path} is damaged: {len(d.fdm)} masks for a {d.grid}×{d.grid} grid")
+    return d
 
 
 def plot_dict(d: FdmDict, path: Path) -> None:

@@ -38,6 +38,17 @@ def open_checked(path: str | os.PathLike, kind: str, schema: int, mode: str = "r
     return f
 
 
+def open_for_writing(path: str | os.PathLike, mode: str = "w") -> h5py.File:
+    """``h5py.File`` for writing, without HDF5's raw-data chunk cache.
+
+    With the cache, a chunk whose write fails (disk full) is only written when the cache evicts it, inside a
+    destructor where h5py drops the error, and the next flush crashes the process (segfault, HDF5 2.0 / h5py
+    3.16). Without it the write itself raises ``OSError(ENOSPC)``, which the job reports. Appends of whole
+    chunks of rows, as the toolkit's writers do, lose nothing by it.
+    """
+    return h5py.File(path, mode, rdcc_nbytes=0)
+
+
 def stamp(f: h5py.File, kind: str, schema: int, **attrs) -> None:
     f.attrs["pdsn_kind"] = kind
     f.attrs["pdsn_schema"] = schema
@@ -71,3 +82,15 @@ def append_rows(ds: h5py.Dataset, rows) -> None:
 
 def read_strings(ds: h5py.Dataset) -> list[str]:
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
+
+
+def read_rows(ds: h5py.Dataset, rows) -> np.ndarray:
+    """``ds[rows]`` for sorted row indices, read as contiguous runs: h5py's fancy indexing with thousands of
+    indices is orders of magnitude slower than slicing."""
+    rows = np.asarray(rows)
+    if len(rows) == 0:
+        return ds[0:0]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(rows)]])
+    return np.concatenate([ds[rows[a]:rows[b - 1] + 1] for a, b in zip(starts, ends)])

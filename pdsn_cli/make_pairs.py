@@ -22,6 +22,7 @@ from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_ste
 from pdsn_cli.chips import DataSpec, load_chips
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.faces import read_identity_list
+from pdsn_cli.h5util import open_for_writing
 
 CHUNK = 256
 
@@ -91,6 +92,10 @@ def validate(cfg: MakePairsConfig) -> list[tuple[str, int]]:
         raise BadInputError("--append and --resume do not go together")
     if cfg.append and not cfg.out.exists():
         raise BadInputError(f"--append: {cfg.out} does not exist")
+    if cfg.append:
+        with pairs_h5.open_pairs(cfg.out) as f:
+            pairs_h5.check_compatible(f, cfg.out, grid=cfg.grid, template=cfg.template, height=t.size[0],
+                                      width=t.size[1])
     if cfg.preview is not None:
         check_writable(cfg.preview)
     return specs
@@ -146,7 +151,7 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
     with atomic_output(cfg.out, keep_partial_on_interrupt=not cfg.append) as tmp_out:
         assert tmp_out == tmp
         if start == 0 and not cfg.append:
-            with h5py.File(tmp, "w") as f:
+            with open_for_writing(tmp) as f:
                 pairs_h5.create(f, grid=cfg.grid, template=cfg.template, size=(h, w), **attrs)
         chunks = [(jobs[a:a + CHUNK], cfg.seed, cfg.grid) for a in range(start, len(jobs), CHUNK)]
         pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 and len(chunks) > 1 else None
@@ -154,7 +159,7 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
         done = start
         preview = []
         try:
-            with interrupt_between_steps() as check_interrupt, h5py.File(tmp, "r+") as f:
+            with interrupt_between_steps() as check_interrupt, open_for_writing(tmp, "r+") as f:
                 for res in results:
                     idx = [r[0] for r in res]
                     pairs_h5.append(

@@ -32,12 +32,13 @@ import h5py
 import numpy as np
 
 from pdsn_cli.errors import SchemaError
-from pdsn_cli.h5util import STR, append_rows, make_growable, open_checked, read_strings, stamp
+from pdsn_cli.h5util import STR, append_rows, make_growable, open_checked, read_rows, read_strings, stamp
 
 KIND = "pairs"
 SCHEMA = 1
 #: attrs that must agree for --append / --resume to add rows to an existing file
 COMPAT_ATTRS = ("grid", "template", "height", "width")
+DATASETS = ("clean", "occluded", "mask", "blocks", "landmarks", "label", "identity", "source", "kind", "target")
 
 
 @dataclass
@@ -110,6 +111,10 @@ def append(f: h5py.File, *, clean, occluded, mask, blocks, landmarks, identities
 
 def open_pairs(path: str | os.PathLike, mode: str = "r") -> h5py.File:
     f = open_checked(path, KIND, SCHEMA, mode)
+    missing = [name for name in DATASETS if name not in f]
+    if missing:
+        f.close()
+        raise SchemaError(f"{path} lacks datasets {', '.join(missing)}: not a complete pairs file")
     if mode == "r" and not f.attrs.get("complete", False):
         f.close()
         raise SchemaError(f"{path} is incomplete (its writer was interrupted); rerun make-pairs with --resume")
@@ -126,6 +131,9 @@ def read_pairs(path: str | os.PathLike, select=None, images: bool = True) -> Pai
     with open_pairs(path) as f:
         sel = slice(None) if select is None else np.sort(np.asarray(select))
         w = int(f.attrs["width"])
+
+        def get(name):
+            return f[name][()] if select is None else read_rows(f[name], sel)
         n = f["label"].shape[0] if select is None else len(sel)
 
         def strs(name):
@@ -133,15 +141,15 @@ def read_pairs(path: str | os.PathLike, select=None, images: bool = True) -> Pai
             return s if select is None else [s[i] for i in sel]
 
         return Pairs(
-            clean=f["clean"][sel] if images else np.empty((n, 0)),
-            occluded=f["occluded"][sel] if images else np.empty((n, 0)),
-            mask=np.unpackbits(f["mask"][sel], axis=-1, count=w).astype(bool) if images else np.empty((n, 0)),
-            blocks=f["blocks"][sel],
-            landmarks=f["landmarks"][sel],
-            label=f["label"][sel],
+            clean=get("clean") if images else np.empty((n, 0)),
+            occluded=get("occluded") if images else np.empty((n, 0)),
+            mask=np.unpackbits(get("mask"), axis=-1, count=w).astype(bool) if images else np.empty((n, 0)),
+            blocks=get("blocks"),
+            landmarks=get("landmarks"),
+            label=get("label"),
             identity=read_strings(f["identity"]),
             source=strs("source"),
             kind=strs("kind"),
-            target=f["target"][sel],
+            target=get("target"),
             attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()},
         )

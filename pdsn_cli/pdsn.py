@@ -241,8 +241,10 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
             l1 = (mo - mc).abs().reshape(n, cfg.batch_size, -1).mean(dim=(1, 2))
             loss = (ce + cfg.lam * l1).sum()
             if not torch.isfinite(loss):
-                raise JobFailed(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; the last good "
-                                f"checkpoint is kept ({cfg.out.name}.ckpt) — lower --lr and --resume")
+                kept = (f"the last good checkpoint is kept ({cfg.out.name}.ckpt) — lower --lr and --resume"
+                        if cfg.out.with_name(cfg.out.name + ".ckpt").exists() else
+                        "no checkpoint was written yet — lower --lr, or check --weights (NaN features?)")
+                raise JobFailed(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; {kept}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -298,8 +300,8 @@ def _stage(progress, name):
 
 
 def _torch_save(obj, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)  # through a Python file: a full disk then raises OSError(ENOSPC), not a bare RuntimeError
 
 
 def _save_state(path, gen, opt, sched, epoch, history, meta):

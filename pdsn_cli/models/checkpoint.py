@@ -158,6 +158,6 @@ def save_checkpoint(path: str | os.PathLike, **items) -> Path:
     for k, v in items.items():
         _check_plain(v, k)
     path = Path(path)
-    with atomic_output(path) as tmp:
-        torch.save(items, tmp)
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(items, fh)  # through a Python file: a full disk then raises OSError(ENOSPC), not a bare RuntimeError
     return path
