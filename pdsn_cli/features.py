@@ -31,7 +31,9 @@ def extract_features(trunk: Trunk, chips: np.ndarray, point: str | None = None, 
         f = trunk.features(x, point)
         if flip:
             f = torch.stack([f, trunk.features(torch.flip(x, dims=[3]), point)], dim=1)
-        outs.append(f.float().cpu().numpy())
+        # NCHW whatever layout the trunk ran in (oneDNN may hand back channels-last), as the feature cache stores
+        # them: downstream kernels round differently per layout, and a resumed train-block would not match
+        outs.append(f.float().cpu().contiguous().numpy())
         if progress:
             progress(min(a + batch_size, len(chips)), len(chips))
     if not outs:
