@@ -322,12 +322,14 @@ def _load_state(path, gen, opt, sched, meta):
 
 def load_blocks_file(path: Path) -> dict:
     """A train-block output, loaded without executing code (weights_only)."""
+    from pdsn_cli.models.checkpoint import load_checkpoint
+
+    if not Path(path).is_file():
+        raise SchemaError(f"no such file: {path}")
     try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SchemaError(f"no such file: {path}") from None
-    except Exception as e:  # unpickling refused or corrupt file
-        raise SchemaError(f"{path} is not a loadable train-block checkpoint: {str(e).splitlines()[0]}") from None
+        st = load_checkpoint(path)
+    except SchemaError as e:  # one message for every refused file, naming what it would run, never torch's advice
+        raise SchemaError(f"not a loadable train-block checkpoint: {e}") from None
     if not isinstance(st, dict) or st.get("kind") != CKPT_KIND:
         raise SchemaError(f"{path} is not a train-block checkpoint")
     return st

@@ -302,8 +302,6 @@ def test_code_running_pickle_is_refused_and_never_runs(where, writer, files, out
                     if resumed is not None else set()), left
 
 
-@pytest.mark.xfail(strict=True, reason="load_blocks_file quotes torch's first error line, which advises "
-                                       "re-running torch.load with weights_only=False (unsafe) — reported")
 def test_refusing_a_pickle_does_not_advise_loading_it_unsafely(files, out):
     r = CliRunner().invoke(app, ["build-dict", "--blocks", str(files["evil"]["torch"]), "--out", str(out / "d.h5")])
     assert r.exit_code == 2
