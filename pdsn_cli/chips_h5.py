@@ -2,7 +2,7 @@
 
 Schema (``pdsn_kind = "chips"``, ``pdsn_schema = 1``):
 
-- ``image``      uint8  N×H×W×3  aligned RGB chips (lzf, chunked by rows)
+- ``image``      uint8  N×H×W×3  aligned RGB chips (raw, chunked by rows)
 - ``landmarks``  float32 N×5×2   landmarks in chip pixels: left eye centre, right eye centre, nose tip,
                                  left mouth corner, right mouth corner (image left/right)
 - ``label``      int64  N        index into ``identity``
@@ -53,7 +53,7 @@ class ChipsWriter:
         self.f = f
         h, w = size
         stamp(f, KIND, SCHEMA, template=template, data_root=data_root, synthetic=bool(synthetic))
-        make_growable(f, "image", (h, w, 3), np.uint8, chunk_rows=32)
+        make_growable(f, "image", (h, w, 3), np.uint8, chunk_rows=32, compress=False)  # lzf: 7% smaller, 14× slower
         make_growable(f, "landmarks", (5, 2), np.float32, compress=False)
         make_growable(f, "label", (), np.int64, compress=False)
         make_growable(f, "source", (), STR, compress=False)

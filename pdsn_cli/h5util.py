@@ -58,10 +58,10 @@ def stamp(f: h5py.File, kind: str, schema: int, **attrs) -> None:
 
 
 def make_growable(f: h5py.File, name: str, shape_tail: tuple, dtype, chunk_rows: int = 64, compress=True):
-    """An N×... dataset that grows along axis 0, chunked by rows (and gzip-compressed for images)."""
+    """An N×... dataset that grows along axis 0, chunked by rows, lzf-compressed unless ``compress=False``."""
     kw = {}
     if compress:
-        # lzf: ~5x faster than gzip at a similar ratio on face chips (make-pairs writes >60 MB/s)
+        # lzf: several times faster than gzip at a similar ratio
         kw = dict(compression="lzf", shuffle=True)
     return f.create_dataset(
         name,

@@ -19,7 +19,7 @@ dataset         dtype / shape          meaning
 
 attrs: ``grid``, ``template``, ``height``, ``width``, ``occluder`` (the spec asked for), ``seed``,
 ``per_image``, ``synthetic``, ``data_root``, ``tool_version``, ``complete`` (False while being written).
-Images are chunked by rows and lzf-compressed. Row i of a run depends only on (seed, image, repeat, block),
+Chunked by rows; chips raw (lzf saved 7% at 14× the write time), masks lzf-compressed. Row i of a run depends only on (seed, image, repeat, block),
 so appending, resuming and parallel generation give the same rows.
 """
 
@@ -62,8 +62,9 @@ class Pairs:
 def create(f: h5py.File, *, grid: int, template: str, size: tuple[int, int], **attrs) -> None:
     h, w = size
     stamp(f, KIND, SCHEMA, grid=grid, template=template, height=h, width=w, complete=False, **attrs)
-    make_growable(f, "clean", (h, w, 3), np.uint8, chunk_rows=16)
-    make_growable(f, "occluded", (h, w, 3), np.uint8, chunk_rows=16)
+    # chips are stored raw: lzf saved 7% on face chips but capped writing at ~900 chips/s (14× slower)
+    make_growable(f, "clean", (h, w, 3), np.uint8, chunk_rows=16, compress=False)
+    make_growable(f, "occluded", (h, w, 3), np.uint8, chunk_rows=16, compress=False)
     make_growable(f, "mask", (h, (w + 7) // 8), np.uint8, chunk_rows=64)
     make_growable(f, "blocks", (grid, grid), np.float32, compress=False)
     make_growable(f, "landmarks", (5, 2), np.float32, compress=False)
