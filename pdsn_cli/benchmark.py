@@ -138,11 +138,6 @@ def occlude_second(vs: VerificationSet, variant: str, grid: int, seed: int):
     return chips, occ
 
 
-def mirror_blocks(blocks: np.ndarray) -> np.ndarray:
-    """Occupancy of the horizontally flipped image: block (r, c) ↔ (r, K−1−c)."""
-    return blocks[..., ::-1]
-
-
 # ---- the run ------------------------------------------------------------------------------------------------
 @dataclass
 class BenchmarkConfig:
@@ -228,7 +223,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
                 blocks = detector.predict(occ_chips, template=trunk.template) >= cfg.block_threshold
             else:
                 blocks = occ >= cfg.block_threshold
-            masks, empty = _masks(dictionary, blocks, cfg.flip)
+            masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
             results["pdsn"] = _scores(trunk, f1, f2, point, masks, device)
             occluded_frac = float(blocks.reshape(len(blocks), -1).mean())
         for method, s in results.items():
@@ -262,14 +257,6 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         "results": rows,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-
-
-def _masks(dictionary, blocks: np.ndarray, flip: bool):
-    masks, empty = dictionary.combine(blocks)
-    if flip:  # the mirrored view's occlusion is the mirrored block set
-        mm, _ = dictionary.combine(mirror_blocks(blocks.reshape(len(blocks), dictionary.grid, dictionary.grid)))
-        masks = np.stack([masks, mm], axis=1)
-    return masks, empty
 
 
 def _scores(trunk, f1, f2, point, masks, device) -> np.ndarray:

@@ -180,9 +180,7 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                         blocks = detector.predict(chips.image[sl], template=trunk.template) >= cfg.block_threshold
                     else:
                         blocks = occ[sl] >= cfg.block_threshold
-                    from pdsn_cli.benchmark import _masks
-
-                    masks, empty = _masks(dictionary, blocks, cfg.flip)
+                    masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
                     empty_total += empty
                     kept = masks.reshape(len(masks), -1).mean(1).astype(np.float32)
                 emb = embed_features(trunk, feats, point, masks, device=device)

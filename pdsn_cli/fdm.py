@@ -53,6 +53,16 @@ class FdmDict:
         out[empty] = True
         return out.astype(np.float32), int(empty.sum())
 
+    def masks_for(self, occluded: np.ndarray, flip: bool = False) -> tuple[np.ndarray, int]:
+        """``combine``, plus the mirrored view's masks when embeddings use test-time flip (N×2×C×H×W): the
+        mirrored image's occluded blocks are the mirrored block set."""
+        masks, empty = self.combine(occluded)
+        if flip:
+            k = self.grid
+            mm, _ = self.combine(mirror_blocks(np.asarray(occluded).reshape(len(occluded), k, k)))
+            masks = np.stack([masks, mm], axis=1)
+        return masks, empty
+
     def check_for(self, trunk: str, mask_point: str, path="dictionary") -> None:
         if self.trunk != trunk or self.mask_point != mask_point:
             raise SchemaError(f"{path} was built for trunk {self.trunk} at {self.mask_point}, "
@@ -63,6 +73,11 @@ class FdmDict:
         if tuple(self.fdm.shape[1:]) != tuple(shape):
             raise SchemaError(f"{path} holds masks of shape {tuple(self.fdm.shape[1:])}, the trunk's features at "
                               f"{self.mask_point} are {tuple(shape)}")
+
+
+def mirror_blocks(blocks: np.ndarray) -> np.ndarray:
+    """Occupancy of the horizontally flipped image: block (r, c) ↔ (r, K−1−c)."""
+    return blocks[..., ::-1]
 
 
 def binarize(mean_mask: np.ndarray, tau: float) -> np.ndarray:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import hog_detectable_faces, needs_dlib, write_jpeg
-from pdsn_cli.benchmark import (BenchmarkConfig, mirror_blocks, occlude_second, parse_occlusions, run_benchmark,
-                                synthetic_set)
+from pdsn_cli.benchmark import BenchmarkConfig, occlude_second, parse_occlusions, run_benchmark, synthetic_set
 from pdsn_cli.errors import BadInputError
+from pdsn_cli.fdm import mirror_blocks
 
 ROW_KEYS = {"method", "occlusion", "accuracy", "std", "tar_at_far_1e-3", "auc"}
 
