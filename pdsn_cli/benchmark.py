@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pdsn_cli.chips import AlignReport, ChipCache, DataSpec, chips_from_arrays, default_cache_dir
+from pdsn_cli.chips import AlignReport, ChipCache, chips_from_arrays
 from pdsn_cli.chips_h5 import Chips
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed
@@ -50,12 +49,10 @@ def lfw_set(root: Path, pairs_file: Path | None, template: str, limit_pairs: int
     if limit_pairs:
         pairs = limit(pairs, limit_pairs)
     paths = sorted({p.path1 for p in pairs} | {p.path2 for p in pairs})
-    cache = ChipCache(root, template, cache_dir)
-    rep = cache.ensure([FaceItem(p, p.split("/")[0]) for p in paths], workers=workers, progress=progress)
-    bad = {s.path for s in rep.skipped}
-    good = [p for p in paths if p not in bad]
-    chips = cache.load(good)
-    pos = {p: i for i, p in enumerate(good)}
+    chips, rep = ChipCache(root, template, cache_dir).ensure_and_load(
+        [FaceItem(p, p.split("/")[0]) for p in paths], workers=workers, progress=progress,
+        what=f"the {len(paths)} images of {pairs_file}")
+    pos = {p: i for i, p in enumerate(chips.source)}
     kept = [p for p in pairs if p.path1 in pos and p.path2 in pos]
     return VerificationSet(
         "lfw", chips, np.array([pos[p.path1] for p in kept]), np.array([pos[p.path2] for p in kept]),
@@ -210,7 +207,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
                              progress=stage("features"))
     if not np.isfinite(feats).all():
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
-    rows, curves, grid_rows = [], {}, {}
+    rows, curves = [], {}
     for vi, variant in enumerate(variants):
         occ_chips, occ = occlude_second(vs, variant, grid, cfg.seed)
         f2 = feats[vs.i2] if variant == "none" else extract_features(

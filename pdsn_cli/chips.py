@@ -19,7 +19,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pdsn_cli import chips_h5
 from pdsn_cli.align import FaceAligner, align_with_points, get_template
 from pdsn_cli.atomic import atomic_output
 from pdsn_cli.chips_h5 import ALIGNED_DETECTED, ALIGNED_FALLBACK, ALIGNED_KNOWN, Chips, ChipsWriter
@@ -170,6 +169,18 @@ class ChipCache:
                 )
                 wr.close()
 
+    def ensure_and_load(self, items: list[FaceItem], skipped: list[Skipped] = (), workers: int = 1,
+                        progress=None, what: str = "the images") -> tuple[Chips, AlignReport]:
+        """Align what is missing, then load every readable item in order; ``skipped`` (found while listing)
+        is reported with the files that failed to decode."""
+        rep = self.ensure(items, workers=workers, progress=progress)
+        rep.skipped = list(skipped) + rep.skipped
+        bad = {s.path for s in rep.skipped}
+        good = [it.path for it in items if it.path not in bad]
+        if not good:
+            raise BadInputError(f"none of {what} could be read")
+        return self.load(good), rep
+
     def load(self, sources: list[str]) -> Chips:
         """Chips for ``sources`` (all cached), in that order; labels index the identities in order of appearance."""
         idx = self.index()
@@ -260,14 +271,8 @@ def load_chips(
     items = select_items(items, limit, seed)
     if not items:
         raise BadInputError(f"no images found under {spec.root}" + (" for the given identities" if identities else ""))
-    cache = ChipCache(spec.root, template, cache_dir)
-    rep = cache.ensure(items, workers=workers, progress=progress)
-    rep.skipped = skipped + rep.skipped
-    bad = {s.path for s in rep.skipped}
-    good = [it.path for it in items if it.path not in bad]
-    if not good:
-        raise BadInputError(f"none of the {len(items)} images under {spec.root} could be read")
-    return cache.load(good), rep
+    return ChipCache(spec.root, template, cache_dir).ensure_and_load(
+        items, skipped, workers, progress, what=f"the {len(items)} images under {spec.root}")
 
 
 def _synthetic_chips(spec: DataSpec, template, identities, limit, seed, progress):

@@ -108,14 +108,9 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None):
 
 
 def _align(root, items, skipped, template, cfg, progress):
-    cache = ChipCache(root, template, cfg.cache_dir)
-    rep = cache.ensure(items, workers=cfg.workers, progress=progress)
-    rep.skipped = skipped + rep.skipped
-    bad = {s.path for s in rep.skipped}
-    good = [it.path for it in items if it.path not in bad]
-    if not good:
-        raise BadInputError(f"none of the images in {cfg.input} could be read")
-    return cache.load(good), None, rep
+    chips, rep = ChipCache(root, template, cfg.cache_dir).ensure_and_load(
+        items, skipped, cfg.workers, progress, what=f"the images in {cfg.input}")
+    return chips, None, rep
 
 
 def embed(cfg: EmbedConfig, progress=None) -> dict:

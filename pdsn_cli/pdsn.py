@@ -159,12 +159,6 @@ def class_weights(trunk, feats: PairFeatures, point: str, device) -> torch.Tenso
     return torch.from_numpy(w).to(device)
 
 
-def parse_block_arg(block: str, grid: int) -> list[int]:
-    from pdsn_cli.make_pairs import parse_blocks
-
-    return parse_blocks(block, grid)
-
-
 def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     """Train the mask generators of the requested blocks; writes one checkpoint with their weights and the
     mean (min-max scaled) mask of each block over its training pairs (what build-dict binarises)."""
@@ -180,7 +174,9 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     with pairs_h5.open_pairs(cfg.pairs) as f:
         grid = int(f.attrs["grid"])
         targets = f["target"][()]
-    blocks = parse_block_arg(cfg.block, grid)
+    from pdsn_cli.make_pairs import parse_blocks
+
+    blocks = parse_blocks(cfg.block, grid)
     missing = [j for j in blocks if not (targets == j).any()]
     if missing:
         raise BadInputError(f"{cfg.pairs} has no pairs for block(s) {missing}; make them with "
