@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdsn_cli.chips import AlignReport, ChipCache, chips_from_arrays
+from pdsn_cli.chips import AlignReport, ChipCache, DataSpec, load_chips
 from pdsn_cli.chips_h5 import Chips
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed
@@ -64,14 +64,7 @@ def synthetic_set(template: str, identities: int = 40, images: int = 6, seed: in
                   pairs_per_fold: int = 60) -> VerificationSet:
     """A 10-fold verification protocol on synthetic identities generated with their own seed, disjoint from
     the default training identities (seed 0), labelled synthetic everywhere."""
-    from pdsn_cli.align import align_with_points
-    from pdsn_cli.synthetic import synthetic_faces
-
-    faces = list(synthetic_faces(identities, images, seed=seed))
-    aligned = [align_with_points(f.image, f.landmarks, f.dlib5, template) for f in faces]
-    ids = [f.identity for f in faces]
-    chips = chips_from_arrays(np.stack([a[0] for a in aligned]), np.stack([a[1] for a in aligned]), ids,
-                              [f.source for f in faces], np.full(len(faces), 2), template, True)
+    chips, rep = load_chips(DataSpec(None, identities, images, synthetic_seed=seed), template)
     rng = np.random.default_rng(seed)
     by_id = [np.flatnonzero(chips.label == c) for c in range(len(chips.identity))]
     i1, i2, same, fold = [], [], [], []
@@ -87,8 +80,7 @@ def synthetic_set(template: str, identities: int = 40, images: int = 6, seed: in
                     c1, c2 = rng.choice(ids_k, 2, replace=False)
                     a, b = rng.choice(by_id[c1]), rng.choice(by_id[c2])
                 i1.append(a), i2.append(b), same.append(s), fold.append(k)
-    return VerificationSet("synthetic", chips, np.array(i1), np.array(i2), np.array(same), np.array(fold),
-                           AlignReport(images=len(faces), aligned_now=len(faces)))
+    return VerificationSet("synthetic", chips, np.array(i1), np.array(i2), np.array(same), np.array(fold), rep)
 
 
 # ---- occluding the second image of every pair ---------------------------------------------------------------
