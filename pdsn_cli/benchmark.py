@@ -23,7 +23,8 @@ from pdsn_cli.errors import BadInputError, JobFailed
 from pdsn_cli.faces import FaceItem
 from pdsn_cli.features import embed_features, extract_features
 from pdsn_cli.models import build_trunk
-from pdsn_cli.verification import plot_roc, roc_curve, summarize
+from pdsn_cli.report import plot_roc
+from pdsn_cli.verification import roc_curve, summarize
 
 
 @dataclass
@@ -111,20 +112,75 @@ def parse_occlusions(spec: list[str], grid: int) -> list[str]:
 
 def occlude_second(vs: VerificationSet, variant: str, grid: int, seed: int):
     """Occluded copies of the second image of every pair, and their K×K occupancy (zeros for 'none')."""
+    return occlude_chips(vs.chips, vs.i2, variant, grid, seed)
+
+
+def occlude_chips(chips: Chips, index: np.ndarray, variant: str, grid: int, seed: int):
+    """Occluded copies of ``chips[index]`` (seeded by variant and position: every method sees the same images),
+    and their K×K occupancy (zeros for 'none')."""
     from pdsn_cli.occluders import occlude
 
-    chips = vs.chips.image[vs.i2].copy()
-    occ = np.zeros((len(vs.i2), grid, grid), np.float32)
+    out = chips.image[index].copy()
+    occ = np.zeros((len(index), grid, grid), np.float32)
     if variant == "none":
-        return chips, occ
+        return out, occ
     kind, block = ("block", int(variant.split(":")[1])) if variant.startswith("block:") else (variant, None)
     vkey = int(hashlib.sha1(variant.encode()).hexdigest()[:8], 16)
-    for n, i in enumerate(vs.i2):
+    for n, i in enumerate(index):
         rng = np.random.default_rng([seed, vkey, n])
-        o = occlude(vs.chips.image[i], vs.chips.landmarks[i], kind, rng, grid=grid, block=block)
-        chips[n] = o.image
+        o = occlude(chips.image[i], chips.landmarks[i], kind, rng, grid=grid, block=block)
+        out[n] = o.image
         occ[n] = o.blocks
-    return chips, occ
+    return out, occ
+
+
+# ---- what every benchmark loads -----------------------------------------------------------------------------
+@dataclass
+class Models:
+    trunk: object
+    point: str
+    dictionary: object | None  # FdmDict
+    detector: object | None  # OcclusionDetector (``--occlusion detector``)
+    source: str  # oracle | detector
+    device: object
+
+    @property
+    def grid(self) -> int:
+        return self.dictionary.grid if self.dictionary is not None else 5
+
+    def occluded_blocks(self, chips: np.ndarray, occupancy: np.ndarray, threshold: float) -> np.ndarray:
+        """bool N×K×K: the blocks PDSN treats as occluded, from the detector or the known occupancy."""
+        if self.detector is not None:
+            return self.detector.predict(chips, template=self.trunk.template) >= threshold
+        return occupancy >= threshold
+
+
+def load_models(trunk_name: str, weights, dict_path, occlusion_source: str, detector_path, device,
+                block_threshold: float = 0.25) -> Models:
+    """The trunk, the FDM dictionary and the occlusion detector, checked against each other before any work."""
+    from pdsn_cli import fdm as fdm_mod
+
+    if occlusion_source not in ("oracle", "detector"):
+        raise BadInputError(f"--occlusion must be oracle or detector, got {occlusion_source!r}")
+    if not 0 < block_threshold <= 1:
+        raise BadInputError(f"--block-threshold must be in (0, 1], got {block_threshold}")
+    trunk = build_trunk(trunk_name, weights).to(device)
+    point = trunk.default_mask_point
+    dictionary = None
+    if dict_path is not None:
+        dictionary = fdm_mod.load(dict_path)
+        dictionary.check_for(trunk.name, dictionary.mask_point, dict_path)
+        point = trunk.check_point(dictionary.mask_point)
+        dictionary.check_features(trunk.feature_shape(point), dict_path)
+    detector = None
+    if occlusion_source == "detector":
+        if detector_path is None:
+            raise BadInputError("--occlusion detector needs --detector FILE (pdsn train-detector)")
+        from pdsn_cli.detector import OcclusionDetector
+
+        detector = OcclusionDetector.load(detector_path)
+        detector.check_for(trunk.template, dictionary.grid if dictionary else None, detector_path)
+    return Models(trunk, point, dictionary, detector, occlusion_source, device)
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -147,42 +203,27 @@ class BenchmarkConfig:
     batch_size: int = 64
     workers: int = 1
     plot: Path | None = None
+    report: Path | None = None  # folder: ROC, per-block heatmaps, dictionary, occluded probes, index.md
     cache_dir: Path | None = None
 
 
 def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
-    from pdsn_cli import fdm as fdm_mod
-
     t0 = time.perf_counter()
     device = resolve_device(cfg.gpu)
-    if cfg.occlusion_source not in ("oracle", "detector"):
-        raise BadInputError(f"--occlusion must be oracle or detector, got {cfg.occlusion_source!r}")
-    if not 0 < cfg.block_threshold <= 1:
-        raise BadInputError(f"--block-threshold must be in (0, 1], got {cfg.block_threshold}")
     if cfg.batch_size < 1:
         raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
-    trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
-    point = trunk.default_mask_point
-    dictionary = None
-    if cfg.dict_path is not None:
-        dictionary = fdm_mod.load(cfg.dict_path)
-        dictionary.check_for(trunk.name, dictionary.mask_point, cfg.dict_path)
-        point = trunk.check_point(dictionary.mask_point)
-        dictionary.check_features(trunk.feature_shape(point), cfg.dict_path)
-    grid = dictionary.grid if dictionary else 5
+    models = load_models(cfg.trunk, cfg.weights, cfg.dict_path, cfg.occlusion_source, cfg.detector, device,
+                         cfg.block_threshold)
+    trunk, point, dictionary, grid = models.trunk, models.point, models.dictionary, models.grid
     variants = parse_occlusions(cfg.occlusions, grid)
-    detector = None
-    if cfg.occlusion_source == "detector":
-        if cfg.detector is None:
-            raise BadInputError("--occlusion detector needs --detector FILE (pdsn train-detector)")
-        from pdsn_cli.detector import OcclusionDetector
-
-        detector = OcclusionDetector.load(cfg.detector)
-        detector.check_for(trunk.template, dictionary.grid if dictionary else None, cfg.detector)
     if cfg.plot is not None:
         from pdsn_cli.atomic import check_writable
 
         check_writable(cfg.plot)
+    if cfg.report is not None:
+        from pdsn_cli.report import check_report_dir
+
+        check_report_dir(cfg.report)
 
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
     if cfg.dataset == "lfw":
@@ -199,19 +240,17 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
                              progress=stage("features"))
     if not np.isfinite(feats).all():
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
-    rows, curves = [], {}
+    rows, curves, shown = [], {}, {}
     for vi, variant in enumerate(variants):
         occ_chips, occ = occlude_second(vs, variant, grid, cfg.seed)
+        shown[variant] = occ_chips[:8]
         f2 = feats[vs.i2] if variant == "none" else extract_features(
             trunk, occ_chips, point, cfg.batch_size, device, flip=cfg.flip)
         f1 = feats[vs.i1]
         base = _scores(trunk, f1, f2, point, None, device)
         results = {"baseline": base}
         if dictionary is not None:
-            if detector is not None:
-                blocks = detector.predict(occ_chips, template=trunk.template) >= cfg.block_threshold
-            else:
-                blocks = occ >= cfg.block_threshold
+            blocks = models.occluded_blocks(occ_chips, occ, cfg.block_threshold)
             masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
             results["pdsn"] = _scores(trunk, f1, f2, point, masks, device)
             occluded_frac = float(blocks.reshape(len(blocks), -1).mean())
@@ -232,7 +271,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
     _add_recovery(rows)
     if cfg.plot is not None and curves:
         plot_roc(curves, cfg.plot, title=f"{vs.name} — {trunk.name}")
-    return {
+    result = {
         "dataset": vs.name + (" (SYNTHETIC)" if vs.chips.synthetic else ""),
         "trunk": trunk.name,
         "mask_point": point,
@@ -244,8 +283,15 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         "flip": cfg.flip,
         "align": vs.report.as_dict() | {"several_faces": vs.report.several_faces},
         "results": rows,
-        "seconds": round(time.perf_counter() - t0, 1),
     }
+    if cfg.report is not None:
+        from pdsn_cli.report import write_report
+
+        result["report"] = [str(p) for p in write_report(
+            cfg.report, result, roc=curves, dictionary=dictionary, probes=shown,
+            title=f"{vs.name} — {trunk.name}", grid=grid)]
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
 
 
 def _scores(trunk, f1, f2, point, masks, device) -> np.ndarray:

@@ -356,60 +356,140 @@ def block_grid_table(res: dict) -> Optional[Table]:
     return t
 
 
+def identification_table(res: dict) -> Table:
+    t = Table(title=f"{res['dataset']} — {res['trunk']} @ {res['mask_point']}: {res['probes']} probes of "
+              f"{res['probe_identities']} identities, {res['real_distractors']:,} real + "
+              f"{res['synthetic_distractors']:,} synthetic distractors"
+              + (f", PDSN occlusion: {res['occlusion_source']}" if res.get("occlusion_source") else ""),
+              title_justify="left")
+    t.add_column("occlusion")
+    t.add_column("method")
+    for n in res["sizes"]:
+        t.add_column(f"rank-1 @{n:,}", justify="right")
+    t.add_column("TAR@FAR=1e-6", justify="right")
+    t.add_column("recovery", justify="right")
+    for r in res["results"]:
+        rec = r.get("recovery")
+        t.add_row(r["occlusion"], r["method"], *[f"{100 * r['rank1'][str(n)]:.2f}%" for n in res["sizes"]],
+                  f"{100 * r['tar_at_far_1e-6']:.2f}%", "" if rec is None else f"{rec:.2f}")
+    return t
+
+
+def ar_table(res: dict) -> Table:
+    p = res["protocol"]
+    t = Table(title=f"{res['dataset']} — {res['trunk']} @ {res['mask_point']}: {p['subjects']} subjects, "
+              f"{p['gallery_images']} gallery images" + (f", PDSN occlusion: {res['occlusion_source']}"
+                                                          if res.get("occlusion_source") else ""),
+              title_justify="left")
+    for c in ("probes", "method", "n", "rank-1", "rank-5"):
+        t.add_column(c, justify="left" if c in ("probes", "method") else "right")
+    for r in res["results"]:
+        cmc = r["cmc"]
+        t.add_row(r["occlusion"], r["method"], str(r["probes"]), f"{100 * r['rank1']:.2f}%",
+                  f"{100 * cmc[min(4, len(cmc) - 1)]:.2f}%")
+    return t
+
+
 @app.command("benchmark", epilog="""Examples:
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --json r.json
 
-    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --dict pdsn-work/dict.h5 --occluder sunglasses --occluder scarf
+    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --dict pdsn-work/dict.h5 --occluder sunglasses --occluder scarf --report report/
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --occluder block --limit-pairs 600
 
     pdsn benchmark --dataset synthetic --trunk tiny --weights trunk.pt --dict dict.h5 --occluder random
+
+    pdsn benchmark --dataset megaface-lfw --data-dir ../shared/data/lfw --synthetic-distractors 1000000 --dict pdsn-work/dict.h5 --occluder sunglasses
+
+    pdsn benchmark --dataset megaface --data-dir /data/megaface --dict dict.h5 --occluder sunglasses --export-devkit feats/
+
+    pdsn benchmark --dataset ar --data-dir /data/AR --protocol 1 --dict dict.h5 --occlusion detector --detector det.pt
 """)
 def benchmark_cmd(
-    dataset: str = typer.Option("lfw", "--dataset", help="lfw (View-2 10-fold) | synthetic (built-in)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="LFW root: <name>/<name>_NNNN.jpg and pairs.txt."),
-    pairs_file: Optional[Path] = typer.Option(None, "--pairs-file", help="Default: DATA_DIR/pairs.txt"),
+    dataset: str = typer.Option("lfw", "--dataset", help="lfw (View-2 10-fold) | synthetic (built-in) | megaface (Challenge 1) | megaface-lfw (the same protocol on LFW) | ar (AR face database)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset root. lfw: <name>/<name>_NNNN.jpg and pairs.txt; megaface: holds FlickrFinal2/, facescrub_images/, devkit/templatelists/; ar: the AR images."),
+    pairs_file: Optional[Path] = typer.Option(None, "--pairs-file", help="lfw: default DATA_DIR/pairs.txt"),
     trunk: str = TRUNK,
     weights: Optional[str] = WEIGHTS,
     dict_path: Optional[Path] = typer.Option(None, "--dict", help="FDM dictionary (build-dict): adds PDSN rows next to the baseline."),
-    occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="Occlusion of the 2nd image: none, sunglasses, scarf, mask, random, ..., block (all K² blocks) or block:J. Repeatable."),
+    occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="Synthetic occlusion of the 2nd image (verification) or of the probes (megaface): none, sunglasses, scarf, mask, random, square, ..., block (all K² blocks) or block:J. Repeatable."),
     occlusion: str = typer.Option("oracle", "--occlusion", help="How PDSN learns the occluded blocks: oracle | detector"),
     detector: Optional[Path] = typer.Option(None, "--detector", help="Detector checkpoint (train-detector) for --occlusion detector."),
     block_threshold: float = typer.Option(0.25, "--block-threshold", help="Occupancy above which a block counts as occluded."),
-    limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs", help="Quick run: N pairs, whole folds kept balanced."),
+    limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs", help="lfw quick run: N pairs, whole folds kept balanced."),
+    megaface_images: Optional[Path] = typer.Option(None, "--megaface-images", help="megaface: distractor images (default DATA_DIR/FlickrFinal2)."),
+    facescrub_images: Optional[Path] = typer.Option(None, "--facescrub-images", help="megaface: probe images (default DATA_DIR/facescrub_images)."),
+    devkit: Optional[Path] = typer.Option(None, "--devkit", help="megaface: the devkit (its templatelists/ folder) (default DATA_DIR/devkit)."),
+    synthetic_distractors: int = typer.Option(0, "--synthetic-distractors", help="megaface-lfw: add N synthetic distractor embeddings to reach scale (e.g. 1000000)."),
+    synthetic_model: str = typer.Option("gaussian", "--synthetic-model", help="gaussian (fitted to the real distractors' embeddings) | uniform (random unit vectors)."),
+    max_distractors: Optional[int] = typer.Option(None, "--max-distractors", help="megaface*: largest gallery size to score."),
+    limit_identities: Optional[int] = typer.Option(None, "--limit-identities", help="megaface*: quick run on a seeded sample of N probe identities."),
+    ranks: int = typer.Option(10, "--ranks", help="megaface*/ar: CMC ranks reported."),
+    export_devkit: Optional[Path] = typer.Option(None, "--export-devkit", help="megaface*: also write baseline features as devkit .bin files + template lists into this folder."),
+    protocol: int = typer.Option(1, "--protocol", help="ar: protocol 1 or 2 (see README)."),
     flip: bool = typer.Option(False, "--flip", help="Test-time flip: sum the embeddings of the chip and its mirror."),
     seed: int = typer.Option(0, "--seed", help="Seed of the occlusions (the same images for every method)."),
     gpu: Optional[int] = GPU,
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(1, "--workers", help="Processes for face alignment (cached after the first run)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="ROC curves PNG."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="lfw/synthetic: ROC curves PNG."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Folder for the plots (ROC or CMC, per-block heatmap, dictionary, occluded probes) and an index.md; needs pdsn-cli[plots]."),
     json_path: Optional[Path] = JSON_OUT,
     quiet: bool = QUIET,
 ):
-    """Verification accuracy (10-fold), baseline vs PDSN, on clean and occluded pairs."""
-    from pdsn_cli.benchmark import BenchmarkConfig, run_benchmark
-
-    cfg = BenchmarkConfig(dataset=dataset, data_dir=data_dir, pairs_file=pairs_file, trunk=trunk, weights=weights,
-                          dict_path=dict_path, occlusions=occluder or ["none"], occlusion_source=occlusion,
-                          detector=detector, block_threshold=block_threshold, limit_pairs=limit_pairs, flip=flip,
-                          seed=seed, gpu=gpu, batch_size=batch_size, workers=workers, plot=plot)
+    """Verification (10-fold) or identification (MegaFace protocol, AR), baseline vs PDSN, clean and occluded."""
     with handled():
         if json_path is not None:
             from pdsn_cli.atomic import check_writable
 
             check_writable(json_path)
+        if dataset in ("megaface", "megaface-lfw"):
+            from pdsn_cli.identification import IdentificationConfig, run_identification
+
+            cfg = IdentificationConfig(
+                dataset=dataset, data_dir=data_dir, megaface_images=megaface_images, facescrub_images=facescrub_images,
+                devkit=devkit, trunk=trunk, weights=weights, dict_path=dict_path, occlusions=occluder or ["none"],
+                occlusion_source=occlusion, detector=detector, block_threshold=block_threshold,
+                synthetic_distractors=synthetic_distractors, synthetic_model=synthetic_model,
+                max_distractors=max_distractors, limit_identities=limit_identities, ranks=ranks, flip=flip, seed=seed,
+                gpu=gpu, batch_size=batch_size, workers=workers, export_devkit=export_devkit, report=report)
+            run, table = run_identification, identification_table
+        elif dataset == "ar":
+            from pdsn_cli.identification import ArConfig, run_ar
+
+            cfg = ArConfig(data_dir=data_dir, protocol=protocol, trunk=trunk, weights=weights, dict_path=dict_path,
+                           occlusion_source=occlusion, detector=detector, block_threshold=block_threshold,
+                           ranks=ranks, flip=flip, seed=seed, gpu=gpu, batch_size=batch_size, workers=workers,
+                           report=report)
+            run, table = run_ar, ar_table
+        else:
+            from pdsn_cli.benchmark import BenchmarkConfig, run_benchmark
+
+            cfg = BenchmarkConfig(dataset=dataset, data_dir=data_dir, pairs_file=pairs_file, trunk=trunk,
+                                  weights=weights, dict_path=dict_path, occlusions=occluder or ["none"],
+                                  occlusion_source=occlusion, detector=detector, block_threshold=block_threshold,
+                                  limit_pairs=limit_pairs, flip=flip, seed=seed, gpu=gpu, batch_size=batch_size,
+                                  workers=workers, plot=plot, report=report)
+            run, table = run_benchmark, results_table
         with Bars(quiet) as bars:
-            res = run_benchmark(cfg, progress=bars.multi())
+            res = run(cfg, progress=bars.multi())
         write_json(json_path, res)
-    out.print(results_table(res))
-    g = block_grid_table(res)
+    out.print(table(res))
+    g = block_grid_table(res) if table is results_table else None
     if g is not None:
         out.print(g)
-    out.print(f"{res['images']} images ({res['align']['fallback_crops']} without a detected face: centred crop), "
-              f"{res['dropped_pairs']} pairs dropped, {res['seconds']} s")
-    if res["align"]["skipped_files"]:  # their pairs were dropped: not the whole protocol
-        out.print(skipped_table(res["align"]["skipped_files"]))
+    if res.get("report"):
+        out.print(f"report: {len(res['report'])} files in {report}")
+    if table is results_table:
+        out.print(f"{res['images']} images ({res['align']['fallback_crops']} without a detected face: centred crop), "
+                  f"{res['dropped_pairs']} pairs dropped, {res['seconds']} s")
+        skipped = res["align"]["skipped_files"]
+    else:
+        out.print(f"{res['seconds']} s")
+        skipped = res.get("skipped_files", [])
+    if skipped:  # their trials were dropped: not the whole protocol
+        out.print(skipped_table(skipped))
         raise typer.Exit(EXIT_SKIPPED)
 
 

@@ -62,6 +62,11 @@ def read_image(path: str | bytes | os.PathLike) -> np.ndarray:
         raise BadImage(f"cannot stat: {e.strerror or e}") from None
     if size == 0:
         raise BadImage("empty file (0 bytes)")
+    if path.suffix.lower() == ".raw":  # the AR face database's header-less frames (no other .raw is decodable)
+        from pdsn_cli.ar import RAW_BYTES, read_raw
+
+        if size == RAW_BYTES:
+            return read_raw(path)
     try:
         with open(path, "rb") as fh:
             with Image.open(fh) as im:

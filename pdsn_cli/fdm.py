@@ -23,6 +23,7 @@ import numpy as np
 from pdsn_cli.atomic import atomic_output, check_writable
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.h5util import open_checked, open_for_writing, stamp
+from pdsn_cli.report import plot_dict
 
 KIND = "fdm-dict"
 SCHEMA = 1
@@ -200,30 +201,3 @@ def load(path: str | os.PathLike) -> FdmDict:
     if not len(d.fdm) == len(d.mean_mask) == len(d.trained) == d.grid**2:
         raise SchemaError(f"{path} is damaged: {len(d.fdm)} masks for a {d.grid}×{d.grid} grid")
     return d
-
-
-def plot_dict(d: FdmDict, path: Path) -> None:
-    """Per block: where its discarded elements lie (summed over channels, on the feature map) and how many."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise BadInputError("--plot needs matplotlib: pip install 'pdsn-cli[plots]'") from None
-    k = d.grid
-    disc = (~d.fdm).astype(np.float32)  # K²×C×H×W
-    spatial = disc.mean(axis=1)  # K²×H×W: fraction of channels discarded at each position
-    fig, axes = plt.subplots(k, k, figsize=(1.9 * k, 2.0 * k))
-    for j, ax in enumerate(np.atleast_1d(axes).ravel()):
-        ax.imshow(spatial[j], vmin=0, vmax=max(float(spatial.max()), 1e-6), cmap="magma")
-        n = int(disc[j].sum())
-        ax.set_title(f"block {j}: {n}" + ("" if d.trained[j] else " (untrained)"), fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"FDM dictionary — {d.trunk} @ {d.mask_point}, τ={d.tau}: discarded channels per position",
-                 fontsize=9)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)

@@ -50,7 +50,10 @@ __all__ = [
     "prepare",
 ]
 
-OCCLUDERS = ("block", "sunglasses", "eyeglasses", "scarf", "mask", "hand", "phone", "cup", "book", "random")
+OCCLUDERS = ("block", "sunglasses", "eyeglasses", "scarf", "mask", "hand", "phone", "cup", "book", "square", "random")
+#: what ``random`` draws from: ``square`` (a benchmark occluder, black 2×2 blocks) stays out, so seeded random
+#: pair files keep the mix they had before it existed
+RANDOM_KINDS = ("block", "sunglasses", "eyeglasses", "scarf", "mask", "hand", "phone", "cup", "book")
 ANATOMICAL = ("sunglasses", "eyeglasses", "scarf", "mask")
 OBJECTS = ("hand", "phone", "cup", "book")
 SPRITE_KINDS = ANATOMICAL + OBJECTS
@@ -826,6 +829,27 @@ def _block_patch(rng: np.random.Generator, hh: int, ww: int) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(patch), (ww, hh), interpolation=cv2.INTER_LINEAR)
 
 
+def _square(chip: np.ndarray, grid: int, rng: np.random.Generator, block: int | None) -> Occlusion:
+    """A black square over 2×2 grid blocks at a random grid position (``block``: its top-left block) — the
+    issue's "random 2×2-block square", the occlusion studied on dlib's own pipeline."""
+    h, w = chip.shape[:2]
+    if grid < 2:
+        raise BadInputError("square needs a grid of at least 2×2")
+    if block is None:
+        r, c = (int(v) for v in rng.integers(grid - 1, size=2))
+    else:
+        r, c = divmod(int(block), grid)
+        if r > grid - 2 or c > grid - 2:
+            raise BadInputError(f"square at block {block}: its 2×2 blocks would leave the {grid}×{grid} grid")
+    y0, _, x0, _ = block_bounds(h, w, grid, r * grid + c)
+    _, y1, _, x1 = block_bounds(h, w, grid, (r + 1) * grid + c + 1)
+    image = chip.copy()
+    image[y0:y1, x0:x1] = 0
+    mask = np.zeros((h, w), bool)
+    mask[y0:y1, x0:x1] = True
+    return Occlusion(image=image, mask=mask, blocks=block_occupancy(mask, grid), kind="square")
+
+
 def occlude(
     chip: np.ndarray,
     landmarks: np.ndarray,
@@ -836,8 +860,8 @@ def occlude(
 ) -> Occlusion:
     """Occlude an aligned face ``chip`` (uint8 H×W×3 RGB) whose 5 ``landmarks`` are in chip pixels.
 
-    ``block`` (0..grid²-1, row-major) is where a ``block`` occluder goes (drawn when None) and where an object
-    (hand, phone, cup, book) is centred; anatomical kinds are placed by the face and refuse a block. With
+    ``block`` (0..grid²-1, row-major) is where a ``block`` occluder goes (drawn when None), the top-left block of
+    a ``square``, and where an object (hand, phone, cup, book) is centred; anatomical kinds are placed by the face and refuse a block. With
     ``kind="random"`` the kind is drawn from ``rng`` (among those that honour ``block`` when one is given).
     """
     if kind not in OCCLUDERS:
@@ -850,10 +874,13 @@ def occlude(
     if block is not None and (not isinstance(block, (int, np.integer)) or not 0 <= block < grid * grid):
         raise BadInputError(f"block {block!r} is outside the {grid}×{grid} grid (0..{grid * grid - 1})")
     if kind == "random":
-        choices = OCCLUDERS[:-1] if block is None else ("block",) + OBJECTS
+        choices = RANDOM_KINDS if block is None else ("block",) + OBJECTS
         kind = choices[rng.integers(len(choices))]
     elif block is not None and kind in ANATOMICAL:
         raise BadInputError(f"{kind} is placed by the landmarks; block= only applies to block, {', '.join(OBJECTS)}")
+
+    if kind == "square":
+        return _square(chip, grid, rng, block)
 
     iso, face, (nose_u, nose_v) = _face_frame(landmarks)
 

@@ -7,7 +7,6 @@ strictly above the threshold. Everything is plain numpy so the numbers can be ch
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
@@ -145,35 +144,3 @@ def summarize(scores, same, folds) -> dict:
         "auc": roc_auc(scores, same),
         "pairs": int(np.asarray(scores).size),
     }
-
-
-def plot_roc(curves: dict[str, tuple], path: str | os.PathLike, title: str = "ROC") -> None:
-    """Write ROC curves (``{label: (fpr, tpr)}``) to a PNG, with a log FAR axis from 1e-4 to 1."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise BadInputError("--plot needs matplotlib: pip install 'pdsn-cli[plots]'") from None
-    from pdsn_cli.atomic import atomic_output, check_writable
-
-    if not curves:
-        raise BadInputError("no ROC curves to plot")
-    path = check_writable(path)
-    # a bare Figure on the Agg canvas: no pyplot global state, no display needed
-    fig = Figure(figsize=(6, 5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for label, (fpr, tpr) in curves.items():
-        ax.plot(np.asarray(fpr), np.asarray(tpr), label=str(label), linewidth=1.5)
-    # FAR = 0 cannot sit on a log axis; clipping draws it at the left edge instead of dropping it
-    ax.set_xscale("log", nonpositive="clip")
-    ax.set_xlim(1e-4, 1.0)
-    ax.set_ylim(0.0, 1.01)
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")

@@ -230,3 +230,22 @@ def test_real_photos_center_crops():
         for kind in KINDS:
             occ = occlude(chip, lm, kind, rng)
             assert not np.any(_changed(occ.image, chip) & ~occ.mask)
+
+
+def test_square_is_black_2x2_blocks_anywhere_on_the_grid(chips):
+    chip, lm = chips[(150, 150)][0]
+    rng = np.random.default_rng(0)
+    corners = set()
+    for _ in range(60):
+        occ = occlude(chip, lm, "square", rng)
+        assert occ.kind == "square" and occ.mask.sum() == 60 * 60
+        assert (occ.image[occ.mask] == 0).all()
+        full = np.argwhere(occ.blocks == 1.0)
+        assert len(full) == 4 and np.ptp(full[:, 0]) == 1 and np.ptp(full[:, 1]) == 1
+        corners.add(tuple(full.min(0)))
+    assert len(corners) == 16, "every top-left position of a 5×5 grid is drawn"
+    occ = occlude(chip, lm, "square", rng, block=18)  # row 3, col 3: the bottom-right square
+    assert occ.blocks[3:, 3:].min() == 1.0
+    with pytest.raises(BadInputError):
+        occlude(chip, lm, "square", rng, block=4)  # would leave the grid
+    assert all(occlude(chip, lm, "random", rng).kind != "square" for _ in range(40))

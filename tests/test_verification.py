@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from pdsn_cli.errors import BadInputError
+from pdsn_cli.report import plot_roc
 from pdsn_cli.verification import (
     best_threshold,
-    plot_roc,
     roc_auc,
     roc_curve,
     summarize,
