@@ -143,6 +143,13 @@ class Models:
     detector: object | None  # OcclusionDetector (``--occlusion detector``)
     source: str  # oracle | detector
     device: object
+    dict_path: Path | None = None
+
+    def header(self) -> dict:
+        """The result keys every benchmark starts with: what was measured, with which trunk and dictionary."""
+        return {"trunk": self.trunk.name, "mask_point": self.point,
+                "dictionary": str(self.dict_path) if self.dict_path else None,
+                "occlusion_source": self.source if self.dictionary is not None else None}
 
     @property
     def grid(self) -> int:
@@ -180,7 +187,35 @@ def load_models(trunk_name: str, weights, dict_path, occlusion_source: str, dete
 
         detector = OcclusionDetector.load(detector_path)
         detector.check_for(trunk.template, dictionary.grid if dictionary else None, detector_path)
-    return Models(trunk, point, dictionary, detector, occlusion_source, device)
+    return Models(trunk, point, dictionary, detector, occlusion_source, device, dict_path)
+
+
+def stages(progress):
+    """``stage(name)`` → a callback(done, total) for that stage's bar, or None without progress."""
+    return (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
+
+
+def finish(result: dict, models: Models, report: Path | None, t0: float, title: str, **plots) -> dict:
+    """Write the ``--report`` folder (ROC/CMC, blocks, dictionary, probes) and stamp the run time."""
+    if report is not None:
+        from pdsn_cli.report import write_report
+
+        result["report"] = [str(p) for p in write_report(report, result, dictionary=models.dictionary,
+                                                         title=title, grid=models.grid, **plots)]
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def check_outputs(plot: Path | None = None, report: Path | None = None) -> None:
+    """Refuse unwritable plot/report destinations before any work."""
+    if plot is not None:
+        from pdsn_cli.atomic import check_writable
+
+        check_writable(plot)
+    if report is not None:
+        from pdsn_cli.report import check_report_dir
+
+        check_report_dir(report)
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -216,16 +251,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
                          cfg.block_threshold)
     trunk, point, dictionary, grid = models.trunk, models.point, models.dictionary, models.grid
     variants = parse_occlusions(cfg.occlusions, grid)
-    if cfg.plot is not None:
-        from pdsn_cli.atomic import check_writable
-
-        check_writable(cfg.plot)
-    if cfg.report is not None:
-        from pdsn_cli.report import check_report_dir
-
-        check_report_dir(cfg.report)
-
-    stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
+    check_outputs(cfg.plot, cfg.report)
+    stage = stages(progress)
     if cfg.dataset == "lfw":
         if cfg.data_dir is None:
             raise BadInputError("--dataset lfw needs --data-dir (the folder with lfw/<name>/*.jpg and pairs.txt)")
@@ -273,10 +300,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         plot_roc(curves, cfg.plot, title=f"{vs.name} — {trunk.name}")
     result = {
         "dataset": vs.name + (" (SYNTHETIC)" if vs.chips.synthetic else ""),
-        "trunk": trunk.name,
-        "mask_point": point,
-        "dictionary": str(cfg.dict_path) if cfg.dict_path else None,
-        "occlusion_source": cfg.occlusion_source if dictionary is not None else None,
+        **models.header(),
         "pairs": int(len(vs.same)),
         "dropped_pairs": vs.dropped_pairs,
         "images": len(vs.chips),
@@ -284,14 +308,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         "align": vs.report.as_dict() | {"several_faces": vs.report.several_faces},
         "results": rows,
     }
-    if cfg.report is not None:
-        from pdsn_cli.report import write_report
-
-        result["report"] = [str(p) for p in write_report(
-            cfg.report, result, roc=curves, dictionary=dictionary, probes=shown,
-            title=f"{vs.name} — {trunk.name}", grid=grid)]
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    return result
+    return finish(result, models, cfg.report, t0, f"{vs.name} — {trunk.name}", roc=curves, probes=shown)
 
 
 def _scores(trunk, f1, f2, point, masks, device) -> np.ndarray:

@@ -28,8 +28,8 @@ import h5py
 import numpy as np
 
 from pdsn_cli.atomic import atomic_output
-from pdsn_cli.benchmark import load_models, occlude_chips, parse_occlusions
-from pdsn_cli.chips import AlignReport, ChipCache, default_cache_dir
+from pdsn_cli.benchmark import check_outputs, finish, load_models, occlude_chips, parse_occlusions, stages
+from pdsn_cli.chips import ChipCache, default_cache_dir
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed
 from pdsn_cli.features import embed_features, extract_features
@@ -243,11 +243,8 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
                          cfg.block_threshold)
     trunk, point, dictionary = models.trunk, models.point, models.dictionary
     variants = parse_occlusions(cfg.occlusions, models.grid)
-    if cfg.report is not None:
-        from pdsn_cli.report import check_report_dir
-
-        check_report_dir(cfg.report)
-    stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
+    check_outputs(report=cfg.report)
+    stage = stages(progress)
 
     # the two sides of the protocol, as lists of images in their data roots
     if cfg.dataset == "megaface-lfw":
@@ -355,10 +352,7 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
                                  models.grid, lists)
     result = {
         "dataset": cfg.dataset,
-        "trunk": trunk.name,
-        "mask_point": point,
-        "dictionary": str(cfg.dict_path) if cfg.dict_path else None,
-        "occlusion_source": cfg.occlusion_source if dictionary is not None else None,
+        **models.header(),
         "probes": len(pchips),
         "probe_identities": len(pchips.identity),
         "real_distractors": len(dist_sources),
@@ -371,14 +365,7 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         "results": rows,
         "devkit_export": exported,
     }
-    if cfg.report is not None:
-        from pdsn_cli.report import write_report
-
-        result["report"] = [str(p) for p in write_report(
-            cfg.report, result, cmc=cmc_curves, dictionary=dictionary, probes=shown,
-            title=f"{cfg.dataset} — {trunk.name}", grid=models.grid)]
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    return result
+    return finish(result, models, cfg.report, t0, f"{cfg.dataset} — {trunk.name}", cmc=cmc_curves, probes=shown)
 
 
 def _add_recovery(rows: list[dict], largest: str) -> None:
@@ -473,11 +460,8 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
     models = load_models(cfg.trunk, cfg.weights, cfg.dict_path, cfg.occlusion_source, cfg.detector, device,
                          cfg.block_threshold)
     trunk, point, dictionary = models.trunk, models.point, models.dictionary
-    if cfg.report is not None:
-        from pdsn_cli.report import check_report_dir
-
-        check_report_dir(cfg.report)
-    stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
+    check_outputs(report=cfg.report)
+    stage = stages(progress)
     images = ar.scan(cfg.data_dir)
     proto = ar.protocol(images, cfg.protocol)
     chips, rep = ChipCache(cfg.data_dir, trunk.template, cfg.cache_dir).ensure_and_load(
@@ -528,20 +512,11 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
                                                 "cmc_at_largest": [float(v) for v in cmc]}
     result = {
         "dataset": f"ar protocol {proto.number}",
-        "trunk": trunk.name,
-        "mask_point": point,
-        "dictionary": str(cfg.dict_path) if cfg.dict_path else None,
-        "occlusion_source": cfg.occlusion_source if dictionary is not None else None,
+        **models.header(),
         "protocol": proto.summary(),
         "align": rep.as_dict(),
         "skipped_files": rep.as_dict()["skipped_files"],
         "results": rows,
     }
-    if cfg.report is not None:
-        from pdsn_cli.report import write_report
-
-        result["report"] = [str(p) for p in write_report(
-            cfg.report, result, cmc=cmc_curves, dictionary=dictionary, probes=shown,
-            title=f"AR protocol {proto.number} — {trunk.name}", grid=models.grid)]
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    return result
+    return finish(result, models, cfg.report, t0, f"AR protocol {proto.number} — {trunk.name}", cmc=cmc_curves,
+                  probes=shown)

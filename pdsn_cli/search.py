@@ -13,10 +13,11 @@ Results are exact (no approximate index) and deterministic: among equal scores t
 as a stable sort of the full score row would give. Scores are cosines: probes and gallery rows are
 L2-normalised here unless the caller says they already are (``normalize=False``).
 
-Why the merge is not ``torch.topk`` on every chunk: after the first few chunks almost no score beats the
-k-th best seen so far, so a row maximum against that running threshold skips most probes, and only the few
-scores above it are sorted into the top-k. A full top-k per chunk costs as much as the matrix product itself
-for small D (measured in ``benchmarks/search_vs_faiss.py``).
+Why the merge is not ``torch.topk`` on every chunk: after j chunks, a chunk holds a new top-k entry of a
+probe with probability about k/j, so nearly every score is below the probe's running k-th best. One
+max-reduction over column groups finds the few places worth a look and only those scores are gathered and
+sorted. A full top-k per chunk costs more than the matrix product itself at D=128 on CPU (measured: ~6 ns
+per score against ~4 for the product on 2 busy cores); the group maxima cost ~1 ns per score.
 """
 
 from __future__ import annotations
@@ -32,15 +33,14 @@ import torch
 
 from pdsn_cli.errors import BadInputError, SchemaError
 
-#: CPU defaults: a chunk of gallery rows small enough that its scores against a probe tile stay in the
-#: last-level cache share of one core; the probe tile keeps the score block at about 4 Mi floats.
-CPU_CHUNK_ROWS = 4096
-CPU_SCORE_BLOCK = 1 << 22
+#: CPU defaults, measured on 2 cores (benchmarks/search_vs_faiss.py): 8192-row chunks make ~120 merge steps
+#: per 10^6 rows, few enough that their fixed cost is small next to the matrix products; a probe tile of
+#: up to 4096 keeps the score block at 128 MiB.
+CPU_CHUNK_ROWS = 8192
+CPU_SCORE_BLOCK = 1 << 25
 #: GPU defaults: large chunks amortise the host→device copy and kernel launches; 2^28 scores = 1 GiB.
 GPU_CHUNK_ROWS = 65536
 GPU_SCORE_BLOCK = 1 << 28
-#: float32 counts are exact below 2^24, the most one torch.histc call may put in a bin.
-_HISTC_MAX = (1 << 24) - 1
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -101,8 +101,9 @@ class H5Gallery:
                 raise SchemaError(f"{path} has no dataset {dataset!r} to search")
             ds = self._file[dataset]
         if ds.ndim != 2 or ds.dtype.kind != "f":
+            msg = f"gallery dataset {ds.name} must be 2-D floating point, got shape {ds.shape} {ds.dtype}"
             self.close()
-            raise SchemaError(f"gallery dataset {ds.name} must be 2-D floating point, got {ds.shape} {ds.dtype}")
+            raise SchemaError(msg)
         self.dataset = ds
         self.dim = int(ds.shape[1])
 
@@ -245,14 +246,13 @@ def topk(probes, gallery, k: int, *, sizes: Sequence[int] | None = None, chunk_r
         if not isinstance(rows, np.ndarray) or rows.shape != (stop - start, gallery.dim):
             raise BadInputError(f"gallery rows [{start}, {stop}) came back with shape "
                                 f"{getattr(rows, 'shape', None)}, expected {(stop - start, gallery.dim)}")
-        g = upload(rows) if upload else torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-        g = _checked_rows(g, start, normalize).to(cdtype)
+        g = _checked_rows(upload(rows) if upload else rows, start, normalize).to(cdtype)
         for p0 in range(0, n_probes, tile):
             p1 = min(n_probes, p0 + tile)
             sc = _scores(q[p0:p1], g, scores_buf)
-            if hist_run is not None:
-                _histogram(sc, hist_run)
             _merge(best_s[p0:p1], best_i[p0:p1], sc, start)
+            if hist_run is not None:
+                _histogram(sc, hist_run)  # last: it overwrites sc
         done = stop
         if s is not None:
             out_s[s] = best_s
@@ -270,8 +270,8 @@ def threshold_at_far(hist, far: float):
     ``hist`` is one row of ``SearchResult.hist`` (bins over [-1, 1]), or the whole [S, bins] array (one
     threshold per size). The answer is the lowest bin edge t such that the scores in bins at or above t are at
     most ``far`` of all, so "accept when score > t" has FAR <= far. Resolution: the exact quantile lies
-    within one bin width (2 / bins) below t; 20,000 bins give 1e-4, finer than the float16 scores of a GPU
-    search. Near FAR=1e-6 of 3.5e9 scores the tail holds ~3,500 scores, so counts, not bins, set the noise.
+    within one bin width (2 / bins) below t; 20,000 bins give 1e-4, finer than the rounding of float16
+    inputs in a GPU search. Near FAR=1e-6 of 3.5e9 scores the tail holds ~3,500 scores, so counts, not bins, set the noise.
     """
     h = np.asarray(hist)
     if h.ndim == 2:
@@ -334,19 +334,31 @@ def _probes(probes, dim: int, normalize: bool) -> torch.Tensor:
         raise BadInputError("no probes to search")
     if p.shape[1] != dim:
         raise BadInputError(f"probes have dimension {p.shape[1]}, the gallery has {dim}")
-    t = torch.from_numpy(np.ascontiguousarray(p))
-    return _checked_rows(t, 0, normalize, what="probe")
+    return _checked_rows(p, 0, normalize, what="probe")
 
 
-def _checked_rows(x: torch.Tensor, offset: int, normalize: bool, what: str = "gallery row") -> torch.Tensor:
-    """Refuse NaN/inf (and, for cosines, zero) rows using the row norms, which normalising needs anyway."""
-    norms = torch.linalg.vector_norm(x.float(), dim=1)
-    ok = torch.isfinite(norms) & (norms > 0) if normalize else torch.isfinite(norms)
-    if not bool(ok.all()):
-        i = int((~ok).nonzero()[0, 0])
-        n = float(norms[i])
-        why = "has NaN or infinite values" if not math.isfinite(n) else "is all zeros (cosine undefined)"
-        raise BadInputError(f"{what} {offset + i} {why}")
+def _checked_rows(x, offset: int, normalize: bool, what: str = "gallery row") -> torch.Tensor:
+    """Refuse NaN/inf (and, for cosines, zero) rows using the row norms, which normalising needs anyway.
+
+    Host arrays are checked in numpy: one small single-threaded pass, cheaper than a round of parallel torch
+    operations on a busy CPU. Rows already on the GPU are checked there.
+    """
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        ok = np.isfinite(norms) & (norms > 0) if normalize else np.isfinite(norms)
+        bad = None if ok.all() else int(np.flatnonzero(~ok)[0])
+    else:
+        norms = torch.linalg.vector_norm(x.float(), dim=1)
+        ok = torch.isfinite(norms) & (norms > 0) if normalize else torch.isfinite(norms)
+        bad = None if bool(ok.all()) else int((~ok).nonzero()[0, 0])
+    if bad is not None:
+        why = "has NaN or infinite values" if not math.isfinite(float(norms[bad])) else \
+            "is all zeros (cosine undefined)"
+        raise BadInputError(f"{what} {offset + bad} {why}")
+    if isinstance(x, np.ndarray):
+        x = x / norms[:, None] if normalize else (x if x.flags.writeable else x.copy())
+        return torch.from_numpy(x)
     return x / norms[:, None] if normalize else x
 
 
@@ -381,28 +393,32 @@ def _scores(q: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None) -> torch
         out = buf[: q.shape[0] * g.shape[0]].view(q.shape[0], g.shape[0])
         return torch.mm(q, g.T, out=out)
     if q.is_cuda and q.dtype != torch.float32:
-        # float32 output keeps the ranking resolution of the float32 accumulator
-        return torch.mm(q, g.T, out_dtype=torch.float32)
+        try:  # float32 output keeps the ranking resolution of the float32 accumulator
+            return torch.mm(q, g.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
+            pass
     return torch.mm(q, g.T).float()
 
 
 def _histogram(sc: torch.Tensor, hist: torch.Tensor) -> None:
+    """Add the scores ``sc`` to ``hist`` (bins over [-1, 1]), overwriting ``sc`` to save a buffer. Scores a
+    rounding error outside [-1, 1] (or raw inner products with ``normalize=False``) count in the end bins.
+
+    Bin indices by arithmetic, then ``bincount``: exact int64 counts (``torch.histc`` counts in float32,
+    exact only below 2^24 per bin) and somewhat faster on CPU.
+    """
     bins = hist.numel()
-    rows = max(1, _HISTC_MAX // sc.shape[1])
-    for r0 in range(0, sc.shape[0], rows):
-        part = sc[r0:r0 + rows]
-        h = torch.histc(part, bins=bins, min=-1.0, max=1.0)
-        hist += h.to(torch.int64)
-        missed = part.numel() - int(h.sum())
-        if missed:  # cosines a rounding error outside [-1, 1] (or raw inner products) go to the end bins
-            above = int((part > 1).sum())
-            hist[-1] += above
-            hist[0] += missed - above
+    b = sc.clamp_(-1.0, 1.0).add_(1.0).mul_(bins / 2).to(torch.int32)
+    h = torch.bincount(b.view(-1), minlength=bins + 1)
+    hist += h[:bins]
+    hist[-1] += h[bins]  # score == 1.0 exactly: the last bin is closed
 
 
 #: column groups per row for locating candidates: group g holds columns g, g + G, g + 2G, ..., so that the
 #: group maxima come from one vectorised pass (an element-wise max over contiguous slices of the row)
 _GROUPS = 64
+#: scores gathered per step of the merge: bounds its index arrays to ~8 MiB
+_GATHER = 1 << 20
 
 
 def _merge(best_s: np.ndarray, best_i: np.ndarray, sc: torch.Tensor, offset: int) -> None:
@@ -420,13 +436,15 @@ def _merge(best_s: np.ndarray, best_i: np.ndarray, sc: torch.Tensor, offset: int
     p, c = sc.shape
     thr = best_s[:, -1]
     per, stride = c // _GROUPS, _GROUPS
+    many = 2 * k + 8  # more candidates than this in a row: cut it to its chunk top-k first
     if c % _GROUPS == 0 and per >= 4:
         hit = sc.view(p, per, _GROUPS).amax(dim=1).cpu().numpy() > thr[:, None]  # [p, G]
-        heavy = hit.sum(axis=1) > min(2 * k + 8, _GROUPS // 2)
+        heavy = hit.sum(axis=1) > min(many, _GROUPS // 2)
     else:  # a ragged chunk (at a size boundary or the gallery's end): each row is one group
         per, stride = c, 1
-        hit = sc.amax(dim=1, keepdim=True).cpu().numpy() > thr[:, None]  # [p, 1]
-        heavy = np.zeros(p, dtype=bool)
+        t = torch.from_numpy(thr).to(sc.device)[:, None]
+        hit = (sc.amax(dim=1, keepdim=True) > t).cpu().numpy()  # [p, 1]
+        heavy = (sc > t).sum(dim=1).cpu().numpy() > many if c > many else np.zeros(p, dtype=bool)
     parts = []
     if heavy.any():
         heavy_rows = np.flatnonzero(heavy)
@@ -439,14 +457,17 @@ def _merge(best_s: np.ndarray, best_i: np.ndarray, sc: torch.Tensor, offset: int
         parts.append((heavy_rows[hr.cpu().numpy()], hc.cpu().numpy(), hs[hr, hc].cpu().numpy()))
         hit[heavy] = False
     gr, gg = np.nonzero(hit)
-    if gr.size:
-        lin = (gr * c + gg)[:, None] + stride * np.arange(per)  # [H, per] flat positions in sc
+    step = max(1, _GATHER // per)  # hit groups gathered at a time
+    flat = sc.numpy().reshape(-1) if sc.device.type == "cpu" else sc.reshape(-1)
+    for h0 in range(0, gr.size, step):
+        r_, g_ = gr[h0:h0 + step], gg[h0:h0 + step]
+        lin = (r_ * c + g_)[:, None] + stride * np.arange(per)  # [H, per] flat positions in sc
         if sc.device.type == "cpu":
-            vals = sc.numpy().reshape(-1)[lin]
+            vals = flat[lin]
         else:
-            vals = sc.reshape(-1)[torch.from_numpy(lin).to(sc.device)].cpu().numpy()
-        h, m = np.nonzero(vals > thr[gr][:, None])
-        parts.append((gr[h], gg[h] + stride * m, vals[h, m]))
+            vals = flat[torch.from_numpy(lin).to(sc.device)].cpu().numpy()
+        h, m = np.nonzero(vals > thr[r_][:, None])
+        parts.append((r_[h], g_[h] + stride * m, vals[h, m]))
     if not parts:
         return
     r, col, v = (np.concatenate(x) for x in zip(*parts))
