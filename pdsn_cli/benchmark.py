@@ -233,6 +233,8 @@ class BenchmarkConfig:
     block_threshold: float = 0.25
     limit_pairs: int | None = None
     flip: bool = False
+    jitter: int = 0  # dlib's num_jitters: mean raw embedding over N jittered views (baseline only)
+    metric: str = "cosine"  # cosine | euclidean (dlib's: distance of the raw, unnormalised embeddings)
     seed: int = 0
     gpu: int | None = None
     batch_size: int = 64
@@ -247,6 +249,15 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
     device = resolve_device(cfg.gpu)
     if cfg.batch_size < 1:
         raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
+    if cfg.metric not in ("cosine", "euclidean"):
+        raise BadInputError(f"--metric must be cosine or euclidean, got {cfg.metric!r}")
+    if cfg.jitter < 0:
+        raise BadInputError(f"--jitter must be ≥ 0, got {cfg.jitter}")
+    if cfg.jitter and cfg.flip:
+        raise BadInputError("--jitter already mirrors half of its views; drop --flip")
+    if cfg.jitter and cfg.dict_path is not None:
+        raise BadInputError("--jitter applies to the whole trunk; PDSN masks the features of the chip itself "
+                            "(drop --dict, or --jitter)")
     models = load_models(cfg.trunk, cfg.weights, cfg.dict_path, cfg.occlusion_source, cfg.detector, device,
                          cfg.block_threshold)
     trunk, point, dictionary, grid = models.trunk, models.point, models.dictionary, models.grid
@@ -263,23 +274,35 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
     else:
         raise BadInputError(f"unknown dataset {cfg.dataset!r} for verification; use lfw or synthetic")
 
-    feats = extract_features(trunk, vs.chips.image, point, cfg.batch_size, device, flip=cfg.flip,
-                             progress=stage("features"))
+    if cfg.jitter:
+        from pdsn_cli.jitter import embed_jittered
+
+        def jittered(chips, sources, name=None):
+            return embed_jittered(trunk, chips, sources, cfg.jitter, cfg.seed, cfg.batch_size, device,
+                                  normalize=cfg.metric == "cosine", progress=stage(name) if name else None)
+
+        feats = jittered(vs.chips.image, vs.chips.source, "jittered views")
+    else:
+        feats = extract_features(trunk, vs.chips.image, point, cfg.batch_size, device, flip=cfg.flip,
+                                 progress=stage("features"))
     if not np.isfinite(feats).all():
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
     rows, curves, shown = [], {}, {}
     for vi, variant in enumerate(variants):
         occ_chips, occ = occlude_second(vs, variant, grid, cfg.seed)
         shown[variant] = occ_chips[:8]
-        f2 = feats[vs.i2] if variant == "none" else extract_features(
-            trunk, occ_chips, point, cfg.batch_size, device, flip=cfg.flip)
         f1 = feats[vs.i1]
-        base = _scores(trunk, f1, f2, point, None, device)
-        results = {"baseline": base}
+        if cfg.jitter:  # feats are embeddings already
+            f2 = feats[vs.i2] if variant == "none" else jittered(occ_chips, [vs.chips.source[i] for i in vs.i2])
+            results = {"baseline": pair_scores(f1, f2, cfg.metric)}
+        else:
+            f2 = feats[vs.i2] if variant == "none" else extract_features(
+                trunk, occ_chips, point, cfg.batch_size, device, flip=cfg.flip)
+            results = {"baseline": _scores(trunk, f1, f2, point, None, device, cfg.metric)}
         if dictionary is not None:
             blocks = models.occluded_blocks(occ_chips, occ, cfg.block_threshold)
             masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
-            results["pdsn"] = _scores(trunk, f1, f2, point, masks, device)
+            results["pdsn"] = _scores(trunk, f1, f2, point, masks, device, cfg.metric)
             occluded_frac = float(blocks.reshape(len(blocks), -1).mean())
         for method, s in results.items():
             r = summarize(s, vs.same, vs.fold)
@@ -305,15 +328,28 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         "dropped_pairs": vs.dropped_pairs,
         "images": len(vs.chips),
         "flip": cfg.flip,
+        "jitter": cfg.jitter,
+        "metric": cfg.metric,
         "align": vs.report.as_dict() | {"several_faces": vs.report.several_faces},
         "results": rows,
     }
     return finish(result, models, cfg.report, t0, f"{vs.name} — {trunk.name}", roc=curves, probes=shown)
 
 
-def _scores(trunk, f1, f2, point, masks, device) -> np.ndarray:
-    e1 = embed_features(trunk, f1, point, masks, device=device)
-    e2 = embed_features(trunk, f2, point, masks, device=device)
+def _scores(trunk, f1, f2, point, masks, device, metric: str = "cosine") -> np.ndarray:
+    cos = metric == "cosine"
+    e1 = embed_features(trunk, f1, point, masks, device=device, normalize=cos)
+    e2 = embed_features(trunk, f2, point, masks, device=device, normalize=cos)
+    if not cos and f1.ndim == 5:  # flip sums the views' raw embeddings: compare their means
+        e1, e2 = e1 / f1.shape[1], e2 / f2.shape[1]
+    return pair_scores(e1, e2, metric)
+
+
+def pair_scores(e1: np.ndarray, e2: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """Similarities, higher = same person: the dot product of unit embeddings (``cosine``), or minus the distance
+    of raw embeddings (``euclidean``: dlib's metric, its model was trained with a margin on that distance)."""
+    if metric == "euclidean":
+        return -np.linalg.norm(e1 - e2, axis=1)
     return (e1 * e2).sum(1)
 
 

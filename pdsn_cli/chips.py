@@ -197,14 +197,13 @@ class ChipCache:
             with h5py.File(shard, "r") as f:
                 ident_names = f["identity"].asstr()[()]
                 labels = f["label"][()]
-                rows = np.array([r for _, r in pairs])
-                order = np.argsort(rows)
-                outs = np.array([o for o, _ in pairs])[order]
-                rows = rows[order]
-                image[outs] = read_rows(f["image"], rows)
-                landmarks[outs] = f["landmarks"][rows]
-                aligned_by[outs] = f["aligned_by"][rows]
-                ids[outs] = ident_names[labels[rows]]
+                # h5py reads strictly increasing rows: read each row once, then fan out (a source may repeat)
+                rows, back = np.unique(np.array([r for _, r in pairs]), return_inverse=True)
+                outs = np.array([o for o, _ in pairs])
+                image[outs] = read_rows(f["image"], rows)[back]
+                landmarks[outs] = f["landmarks"][rows][back]
+                aligned_by[outs] = f["aligned_by"][rows][back]
+                ids[outs] = ident_names[labels[rows]][back]
         return chips_from_arrays(image, landmarks, list(ids), list(sources), aligned_by, self.template.name, False)
 
 

@@ -394,6 +394,8 @@ def ar_table(res: dict) -> Table:
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --json r.json
 
+    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --jitter 10 --metric euclidean
+
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --dict pdsn-work/dict.h5 --occluder sunglasses --occluder scarf --report report/
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --occluder block --limit-pairs 600
@@ -429,7 +431,9 @@ def benchmark_cmd(
     export_devkit: Optional[Path] = typer.Option(None, "--export-devkit", help="megaface*: also write baseline features as devkit .bin files + template lists into this folder."),
     protocol: int = typer.Option(1, "--protocol", help="ar: protocol 1 or 2 (see README)."),
     flip: bool = typer.Option(False, "--flip", help="Test-time flip: sum the embeddings of the chip and its mirror."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the occlusions (the same images for every method)."),
+    jitter: int = typer.Option(0, "--jitter", help="lfw/synthetic baseline: dlib's num_jitters — mean embedding over N jittered views (N× slower)."),
+    metric: str = typer.Option("cosine", "--metric", help="lfw/synthetic: cosine | euclidean (dlib's: distance of the raw embeddings)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the occlusions and jitter (the same images for every method)."),
     gpu: Optional[int] = GPU,
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(1, "--workers", help="Processes for face alignment (cached after the first run)."),
@@ -469,7 +473,8 @@ def benchmark_cmd(
             cfg = BenchmarkConfig(dataset=dataset, data_dir=data_dir, pairs_file=pairs_file, trunk=trunk,
                                   weights=weights, dict_path=dict_path, occlusions=occluder or ["none"],
                                   occlusion_source=occlusion, detector=detector, block_threshold=block_threshold,
-                                  limit_pairs=limit_pairs, flip=flip, seed=seed, gpu=gpu, batch_size=batch_size,
+                                  limit_pairs=limit_pairs, flip=flip, jitter=jitter, metric=metric, seed=seed,
+                                  gpu=gpu, batch_size=batch_size,
                                   workers=workers, plot=plot, report=report)
             run, table = run_benchmark, results_table
         with Bars(quiet) as bars:
