@@ -226,7 +226,8 @@ def main():
                 row["fastest_faiss"] = fastest
                 for m in ours_methods:
                     row[f"ratio_{m}_over_fastest_faiss_total"] = round(best[m]["total_s"] / best[fastest]["total_s"], 3)
-                    row[f"ratio_{m}_over_fastest_faiss_search"] = round(best[m]["total_s"] / best[fastest]["search_s"], 3)
+                    row[f"ratio_{m}_over_fastest_faiss_search"] = round(
+                        best[m]["total_s"] / best[fastest]["search_s"], 3)
                     for f in faiss_methods:
                         row[f"agreement_{m}_vs_{f}"] = agreement(work, m, f)
             if len(ours_methods) == 2:
