@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich import box
 from rich.table import Table
 
 from pdsn_cli import __version__
@@ -356,22 +357,30 @@ def block_grid_table(res: dict) -> Optional[Table]:
     return t
 
 
+def _count(n: int) -> str:
+    """10, 100, 1k, 10k, 100k, 1M: gallery sizes short enough for a column header."""
+    for div, unit in ((10**6, "M"), (10**3, "k")):
+        if n >= div and n % div == 0:
+            return f"{n // div}{unit}"
+    return f"{n:,}"
+
+
 def identification_table(res: dict) -> Table:
     t = Table(title=f"{res['dataset']} — {res['trunk']} @ {res['mask_point']}: {res['probes']} probes of "
               f"{res['probe_identities']} identities, {res['real_distractors']:,} real + "
-              f"{res['synthetic_distractors']:,} synthetic distractors"
+              f"{res['synthetic_distractors']:,} synthetic distractors; rank-1 % at N distractors"
               + (f", PDSN occlusion: {res['occlusion_source']}" if res.get("occlusion_source") else ""),
-              title_justify="left")
-    t.add_column("occlusion")
-    t.add_column("method")
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t.add_column("occlusion", no_wrap=True)
+    t.add_column("method", no_wrap=True)
     for n in res["sizes"]:
-        t.add_column(f"rank-1 @{n:,}", justify="right")
-    t.add_column("TAR@FAR=1e-6", justify="right")
-    t.add_column("recovery", justify="right")
+        t.add_column(_count(n), justify="right", no_wrap=True)
+    t.add_column("TAR@1e-6", justify="right", no_wrap=True)
+    t.add_column("recovery", justify="right", no_wrap=True)
     for r in res["results"]:
         rec = r.get("recovery")
-        t.add_row(r["occlusion"], r["method"], *[f"{100 * r['rank1'][str(n)]:.2f}%" for n in res["sizes"]],
-                  f"{100 * r['tar_at_far_1e-6']:.2f}%", "" if rec is None else f"{rec:.2f}")
+        t.add_row(r["occlusion"], r["method"], *[f"{100 * r['rank1'][str(n)]:.1f}" for n in res["sizes"]],
+                  f"{100 * r['tar_at_far_1e-6']:.1f}", "" if rec is None else f"{rec:.2f}")
     return t
 
 
