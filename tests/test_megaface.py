@@ -208,3 +208,22 @@ def test_megaface_layout_end_to_end(faces, tiny_weights, fdm_dict, tmp_path):
     with pytest.raises(BadInputError, match="for megaface-lfw"):
         run_identification(IdentificationConfig(dataset="megaface", data_dir=tmp_path, trunk="tiny",
                                                  weights=tiny_weights, synthetic_distractors=10))
+
+
+def test_cli_megaface_lfw_json_and_report(lfw_like, tiny_weights, fdm_dict, tmp_path):
+    from typer.testing import CliRunner
+
+    from pdsn_cli.cli import app
+
+    out, rep = tmp_path / "r.json", tmp_path / "report"
+    r = CliRunner().invoke(app, ["benchmark", "--dataset", "megaface-lfw", "--data-dir", str(lfw_like), "--trunk",
+                                 "tiny", "--weights", tiny_weights, "--dict", str(fdm_dict), "--occluder", "none",
+                                 "--occluder", "square", "--synthetic-distractors", "200", "--json", str(out),
+                                 "--report", str(rep), "--quiet"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["sizes"] == [10, 100] and len(res["results"]) == 4
+    assert {p.name for p in rep.iterdir()} >= {"cmc.png", "dictionary.png", "probes.png", "index.md"}
+    r = CliRunner().invoke(app, ["benchmark", "--dataset", "megaface-lfw", "--data-dir", str(lfw_like), "--trunk",
+                                 "tiny", "--weights", tiny_weights, "--synthetic-model", "pareto"])
+    assert r.exit_code == 2 and "--synthetic-model" in r.output
