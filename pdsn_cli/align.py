@@ -150,9 +150,13 @@ class FaceAligner:
     Detection: HOG upsampled once; when it finds nothing, HOG upsampled twice, then dlib's CNN (MMOD) detector;
     among several faces the one nearest the image centre wins (the photo's subject in LFW-style crops).
     When all fail, the dataset's centred crop is used and the chip is counted as a fallback.
+
+    ``max_centre_offset`` (a fraction of the image's shorter side) is for datasets whose subject is centred by
+    construction (LFW): a stage's faces farther than that from the centre are bystanders, so the next stage looks
+    for the subject instead of taking one of them.
     """
 
-    def __init__(self, use_cnn: bool = True):
+    def __init__(self, use_cnn: bool = True, max_centre_offset: float | None = None):
         try:
             import dlib
         except ImportError:
@@ -165,6 +169,7 @@ class FaceAligner:
         self.sp5 = dlib.shape_predictor(os.path.join(d, "shape_predictor_5_face_landmarks.dat"))
         self.sp68 = dlib.shape_predictor(os.path.join(d, "shape_predictor_68_face_landmarks.dat"))
         self.use_cnn = use_cnn
+        self.max_centre_offset = max_centre_offset
         self._cnn = None
 
     def _cnn_detect(self, image):
@@ -173,21 +178,23 @@ class FaceAligner:
         return [d.rect for d in self._cnn(image, 1)]
 
     def detect(self, image: np.ndarray):
-        """The face rectangle nearest the centre, or None; also returns how many faces were seen."""
-        rects = list(self.hog(image, 1))
-        if not rects:
-            rects = list(self.hog(image, 2))
-        if not rects and self.use_cnn:
-            rects = self._cnn_detect(image)
-        if not rects:
-            return None, 0
+        """The face rectangle nearest the centre, or None; also returns how many faces that stage saw."""
         h, w = image.shape[:2]
         c = np.array([w / 2, h / 2])
 
         def dist(r):
             return np.hypot((r.left() + r.right()) / 2 - c[0], (r.top() + r.bottom()) / 2 - c[1])
 
-        return min(rects, key=dist), len(rects)
+        stages = [lambda: self.hog(image, 1), lambda: self.hog(image, 2)] + ([lambda: self._cnn_detect(image)]
+                                                                              if self.use_cnn else [])
+        for stage in stages:
+            rects = list(stage())
+            seen = len(rects)
+            if self.max_centre_offset is not None:
+                rects = [r for r in rects if dist(r) <= self.max_centre_offset * min(h, w)]
+            if rects:
+                return min(rects, key=dist), seen
+        return None, 0
 
     def landmarks(self, image: np.ndarray, rect):
         s5 = self.sp5(image, rect)

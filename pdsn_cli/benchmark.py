@@ -41,7 +41,8 @@ class VerificationSet:
 
 def lfw_set(root: Path, pairs_file: Path | None, template: str, limit_pairs: int | None, workers: int = 1,
             cache_dir: Path | None = None, progress=None) -> VerificationSet:
-    from pdsn_cli.lfw import limit_pairs as limit, read_pairs
+    from pdsn_cli.lfw import CENTRED_FACE, read_pairs
+    from pdsn_cli.lfw import limit_pairs as limit
 
     pairs_file = pairs_file or Path(root) / "pairs.txt"
     if not Path(pairs_file).is_file():
@@ -50,7 +51,7 @@ def lfw_set(root: Path, pairs_file: Path | None, template: str, limit_pairs: int
     if limit_pairs:
         pairs = limit(pairs, limit_pairs)
     paths = sorted({p.path1 for p in pairs} | {p.path2 for p in pairs})
-    chips, rep = ChipCache(root, template, cache_dir).ensure_and_load(
+    chips, rep = ChipCache(root, template, cache_dir, centred=CENTRED_FACE).ensure_and_load(
         [FaceItem(p, p.split("/")[0]) for p in paths], workers=workers, progress=progress,
         what=f"the {len(paths)} images of {pairs_file}")
     pos = {p: i for i, p in enumerate(chips.source)}

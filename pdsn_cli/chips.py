@@ -58,12 +58,12 @@ class AlignReport:
 _ALIGNER: FaceAligner | None = None
 
 
-def _init_worker() -> None:
+def _init_worker(max_centre_offset: float | None = None) -> None:
     global _ALIGNER
     import cv2
 
     cv2.setNumThreads(1)
-    _ALIGNER = FaceAligner()
+    _ALIGNER = FaceAligner(max_centre_offset=max_centre_offset)
 
 
 def _align_file(args):
@@ -79,11 +79,16 @@ def _align_file(args):
 
 # ---- the cache ---------------------------------------------------------------------------------------------
 class ChipCache:
-    def __init__(self, data_root: Path, template: str, cache_dir: Path | None = None):
+    def __init__(self, data_root: Path, template: str, cache_dir: Path | None = None,
+                 centred: float | None = None):
+        """``centred``: the subject is centred by construction (LFW): faces farther than this fraction of the
+        shorter side from the centre are not taken (see ``FaceAligner``); such chips are cached apart."""
         self.root = Path(data_root).resolve()
         self.template = get_template(template)
+        self.centred = centred
         key = hashlib.sha1(str(self.root).encode("utf-8", "surrogateescape")).hexdigest()[:10]
-        self.dir = (cache_dir or default_cache_dir()) / "chips" / f"{self.root.name}-{key}" / template
+        self.dir = (cache_dir or default_cache_dir()) / "chips" / f"{self.root.name}-{key}" / (
+            template if centred is None else f"{template}-centred{centred:g}")
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def shards(self) -> list[Path]:
@@ -122,10 +127,10 @@ class ChipCache:
         jobs = [(str(self.root), it.path, self.template.name, it.file or it.path) for it in todo]
         pool = None
         if workers > 1:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(self.centred,))
             results = pool.imap(_align_file, jobs, chunksize=8)
         else:
-            _init_worker()
+            _init_worker(self.centred)
             results = map(_align_file, jobs)
         try:
             buf: list = []

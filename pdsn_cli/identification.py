@@ -34,6 +34,7 @@ from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed
 from pdsn_cli.features import embed_features, extract_features
 from pdsn_cli.h5util import open_for_writing
+from pdsn_cli.lfw import CENTRED_FACE
 
 FAR = 1e-6
 HIST_BINS = 1 << 16  # threshold resolution 2/65536 ≈ 3e-5 in cosine
@@ -252,6 +253,7 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
             raise BadInputError("--dataset megaface-lfw needs --data-dir (LFW: <name>/<image>.jpg)")
         probe_items, dist_items, skipped = mf.lfw_split(cfg.data_dir)
         probe_root = dist_root = cfg.data_dir
+        centred = CENTRED_FACE
         lists = None
         dist_sources = [it.path for it in dist_items]
     elif cfg.dataset == "megaface":
@@ -260,6 +262,7 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         layout = mf.MegafaceLayout.resolve(cfg.data_dir, cfg.megaface_images, cfg.facescrub_images, cfg.devkit)
         probe_items, skipped = layout.probe_items(), []
         probe_root, dist_root = layout.probe_root, layout.distractor_root
+        centred = None  # Flickr photos and FaceScrub: the subject may be anywhere
         lists = layout.distractor_lists()
         if cfg.max_distractors:
             lists = {n: p for n, p in lists.items() if n <= cfg.max_distractors} or dict([min(lists.items())])
@@ -276,10 +279,10 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         probe_items = [it for it in probe_items if it.identity in keep]
     from pdsn_cli.faces import FaceItem
 
-    pcache = ChipCache(probe_root, trunk.template, cfg.cache_dir)
+    pcache = ChipCache(probe_root, trunk.template, cfg.cache_dir, centred)
     pchips, prep = pcache.ensure_and_load(probe_items, skipped, cfg.workers, stage("align probes"),
                                           what="the probe images")
-    dcache = ChipCache(dist_root, trunk.template, cfg.cache_dir)
+    dcache = ChipCache(dist_root, trunk.template, cfg.cache_dir, centred)
     drep = dcache.ensure([FaceItem(p, p.split("/")[0]) for p in dist_sources], cfg.workers, stage("align distractors"))
     bad = {s.path for s in drep.skipped}
     dist_sources = [p for p in dist_sources if p not in bad]
@@ -297,7 +300,7 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         raise BadInputError("no usable real distractors")
     sizes = [s for s in sizes if s > 0]
 
-    key = hashlib.sha1("|".join([str(Path(dist_root).resolve()), trunk.name, str(cfg.weights), point, str(cfg.flip),
+    key = hashlib.sha1("|".join([str(dcache.dir), trunk.name, str(cfg.weights), point, str(cfg.flip),
                                  trunk.template] + dist_sources).encode()).hexdigest()[:16]
     store = DistractorFeatures.build(dcache, dist_sources, trunk, point, cfg.flip, cfg.batch_size, device, key,
                                      cfg.cache_dir, stage("distractor features"))

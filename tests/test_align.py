@@ -130,3 +130,19 @@ def test_face_aligner_finds_synthetic_faces_or_falls_back_to_a_centred_crop():
     arc5, dlib5, detected, n = aligner.find_points(cv2.GaussianBlur(blank, (5, 5), 0))
     assert not detected and n == 0
     assert arc5.shape == (5, 2) and (arc5[:, 0] < 100).all() and (arc5[:, 1] < 120).all()
+
+
+@needs_dlib
+def test_centred_face_rule_passes_over_bystanders():
+    from pdsn_cli.align import FaceAligner
+    from pdsn_cli.synthetic import synthetic_faces
+
+    face = synthetic_faces(1, 1, size=250)[0].image
+    canvas = np.full((600, 600, 3), 90, np.uint8)
+    canvas[:250, :250] = face  # a face only in the corner: a bystander for a centred dataset
+    assert FaceAligner(use_cnn=False).find_points(canvas)[2]
+    _, _, detected, _ = FaceAligner(use_cnn=False, max_centre_offset=0.2).find_points(canvas)
+    assert not detected
+    canvas[175:425, 175:425] = face  # the subject in the middle is taken
+    arc5, _, detected, n = FaceAligner(use_cnn=False, max_centre_offset=0.2).find_points(canvas)
+    assert detected and n == 2 and np.abs(arc5.mean(0) - 300).max() < 40
