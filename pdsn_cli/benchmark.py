@@ -221,28 +221,38 @@ def check_outputs(plot: Path | None = None, report: Path | None = None) -> None:
 
 # ---- the run ------------------------------------------------------------------------------------------------
 @dataclass
-class BenchmarkConfig:
-    dataset: str = "lfw"  # lfw | synthetic
+class CommonOptions:
+    """What every benchmark (verification, identification, AR) is configured with."""
+
     data_dir: Path | None = None
-    pairs_file: Path | None = None
     trunk: str = "dlib-resnet"
     weights: str | None = None
     dict_path: Path | None = None
-    occlusions: list[str] = field(default_factory=lambda: ["none"])
     occlusion_source: str = "oracle"  # oracle | detector
     detector: Path | None = None
     block_threshold: float = 0.25
-    limit_pairs: int | None = None
     flip: bool = False
-    jitter: int = 0  # dlib's num_jitters: mean raw embedding over N jittered views (baseline only)
-    metric: str = "cosine"  # cosine | euclidean (dlib's: distance of the raw, unnormalised embeddings)
     seed: int = 0
     gpu: int | None = None
     batch_size: int = 64
     workers: int = 1
-    plot: Path | None = None
-    report: Path | None = None  # folder: ROC, per-block heatmaps, dictionary, occluded probes, index.md
+    report: Path | None = None  # folder: ROC/CMC, per-block heatmaps, dictionary, occluded probes, index.md
     cache_dir: Path | None = None
+
+    def load_models(self, device) -> Models:
+        return load_models(self.trunk, self.weights, self.dict_path, self.occlusion_source, self.detector, device,
+                           self.block_threshold)
+
+
+@dataclass
+class BenchmarkConfig(CommonOptions):
+    dataset: str = "lfw"  # lfw | synthetic
+    pairs_file: Path | None = None
+    occlusions: list[str] = field(default_factory=lambda: ["none"])
+    limit_pairs: int | None = None
+    jitter: int = 0  # dlib's num_jitters: mean raw embedding over N jittered views (baseline only)
+    metric: str = "cosine"  # cosine | euclidean (dlib's: distance of the raw, unnormalised embeddings)
+    plot: Path | None = None
 
 
 def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
@@ -259,8 +269,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
     if cfg.jitter and cfg.dict_path is not None:
         raise BadInputError("--jitter applies to the whole trunk; PDSN masks the features of the chip itself "
                             "(drop --dict, or --jitter)")
-    models = load_models(cfg.trunk, cfg.weights, cfg.dict_path, cfg.occlusion_source, cfg.detector, device,
-                         cfg.block_threshold)
+    models = cfg.load_models(device)
     trunk, point, dictionary, grid = models.trunk, models.point, models.dictionary, models.grid
     variants = parse_occlusions(cfg.occlusions, grid)
     check_outputs(cfg.plot, cfg.report)

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from pdsn_cli.atomic import atomic_output
-from pdsn_cli.benchmark import check_outputs, finish, load_models, occlude_chips, parse_occlusions, stages
+from pdsn_cli.benchmark import CommonOptions, check_outputs, finish, occlude_chips, parse_occlusions, stages
 from pdsn_cli.chips import ChipCache, default_cache_dir
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed
@@ -42,32 +42,18 @@ SYNTH_BLOCK = 1 << 16  # synthetic rows are generated in fixed blocks, so they d
 
 
 @dataclass
-class IdentificationConfig:
+class IdentificationConfig(CommonOptions):
     dataset: str = "megaface-lfw"  # megaface | megaface-lfw
-    data_dir: Path | None = None
     megaface_images: Path | None = None
     facescrub_images: Path | None = None
     devkit: Path | None = None
-    trunk: str = "dlib-resnet"
-    weights: str | None = None
-    dict_path: Path | None = None
     occlusions: list[str] = field(default_factory=lambda: ["none"])
-    occlusion_source: str = "oracle"
-    detector: Path | None = None
-    block_threshold: float = 0.25
     synthetic_distractors: int = 0
     synthetic_model: str = "gaussian"  # gaussian | uniform
     max_distractors: int | None = None
     limit_identities: int | None = None  # quick runs: a seeded sample of probe identities
     ranks: int = 10
-    flip: bool = False
-    seed: int = 0
-    gpu: int | None = None
-    batch_size: int = 64
-    workers: int = 1
     export_devkit: Path | None = None
-    report: Path | None = None
-    cache_dir: Path | None = None
 
 
 @dataclass
@@ -240,8 +226,7 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         raise BadInputError("--synthetic-distractors must be ≥ 0")
     if not 1 <= cfg.ranks <= 100:
         raise BadInputError(f"--ranks must be in 1..100, got {cfg.ranks}")
-    models = load_models(cfg.trunk, cfg.weights, cfg.dict_path, cfg.occlusion_source, cfg.detector, device,
-                         cfg.block_threshold)
+    models = cfg.load_models(device)
     trunk, point, dictionary = models.trunk, models.point, models.dictionary
     variants = parse_occlusions(cfg.occlusions, models.grid)
     check_outputs(report=cfg.report)
@@ -412,23 +397,9 @@ def export_devkit(cfg, probes, pchips, store, dist_sources, trunk, point, device
 
 # ---- AR: closed-set identification with real sunglasses and scarves ----------------------------------------
 @dataclass
-class ArConfig:
-    data_dir: Path | None = None
+class ArConfig(CommonOptions):
     protocol: int = 1
-    trunk: str = "dlib-resnet"
-    weights: str | None = None
-    dict_path: Path | None = None
-    occlusion_source: str = "oracle"
-    detector: Path | None = None
-    block_threshold: float = 0.25
     ranks: int = 10
-    flip: bool = False
-    seed: int = 0
-    gpu: int | None = None
-    batch_size: int = 64
-    workers: int = 1
-    report: Path | None = None
-    cache_dir: Path | None = None
 
 
 def closed_set_ranks(e_probe: np.ndarray, e_gallery: np.ndarray, g_subject: np.ndarray, p_subject: np.ndarray,
@@ -460,8 +431,7 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
         raise BadInputError("--dataset ar needs --data-dir (the folder holding the AR images)")
     if not 1 <= cfg.ranks <= 100:
         raise BadInputError(f"--ranks must be in 1..100, got {cfg.ranks}")
-    models = load_models(cfg.trunk, cfg.weights, cfg.dict_path, cfg.occlusion_source, cfg.detector, device,
-                         cfg.block_threshold)
+    models = cfg.load_models(device)
     trunk, point, dictionary = models.trunk, models.point, models.dictionary
     check_outputs(report=cfg.report)
     stage = stages(progress)
