@@ -145,7 +145,7 @@ def data_spec(data_dir: Optional[Path], synthetic_identities: int, synthetic_ima
     return DataSpec(data_dir, synthetic_identities, synthetic_images, synthetic_seed)
 
 
-DATA_DIR = typer.Option(None, "--data-dir", help="Identity-folder dataset root/<identity>/<image> (LFW, CASIA-WebFace, ...). Default: built-in synthetic faces.")
+DATA_DIR = typer.Option(None, "--data-dir", help="Identity-folder dataset: ROOT/IDENTITY/IMAGE (LFW, CASIA-WebFace, ...). Default: built-in synthetic faces.")
 SYN_IDS = typer.Option(60, "--synthetic-identities", help="Built-in synthetic set: number of identities.")
 SYN_IMGS = typer.Option(10, "--synthetic-images", help="Built-in synthetic set: images per identity.")
 def _json_writable(path: Optional[Path]) -> Optional[Path]:
@@ -403,7 +403,7 @@ def ar_table(res: dict) -> Table:
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --json r.json
 
-    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --jitter 10 --metric euclidean
+    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --jitter 40 --metric euclidean
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --dict pdsn-work/dict.h5 --occluder sunglasses --occluder scarf --report report/
 
@@ -419,7 +419,7 @@ def ar_table(res: dict) -> Table:
 """)
 def benchmark_cmd(
     dataset: str = typer.Option("lfw", "--dataset", help="lfw (View-2 10-fold) | synthetic (built-in) | megaface (Challenge 1) | megaface-lfw (the same protocol on LFW) | ar (AR face database)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset root. lfw: <name>/<name>_NNNN.jpg and pairs.txt; megaface: holds FlickrFinal2/, facescrub_images/, devkit/templatelists/; ar: the AR images."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Dataset root. lfw: NAME/NAME_NNNN.jpg and pairs.txt; megaface: holds FlickrFinal2/, facescrub_images/, devkit/templatelists/; ar: the AR images."),
     pairs_file: Optional[Path] = typer.Option(None, "--pairs-file", help="lfw: default DATA_DIR/pairs.txt"),
     trunk: str = TRUNK,
     weights: Optional[str] = WEIGHTS,
@@ -655,7 +655,7 @@ def align_cmd(
 """)
 def train_trunk_cmd(
     data: Path = typer.Option(..., "--data", help="Chips HDF5 (pdsn align) or pairs HDF5 (its clean images)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder: checkpoint.pt (resume) and trunk.pt (default: pdsn-work/trunk-<name>/)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder: checkpoint.pt (resume) and trunk.pt (default: pdsn-work/trunk-TRUNK/)."),
     trunk: str = typer.Option("tiny", "--trunk", help="tiny | lresnet50e-ir | iresnet50 | iresnet100"),
     head: str = typer.Option("cosface", "--head", help="cosface | arcface"),
     s: Optional[float] = typer.Option(None, "--scale", help="Margin head scale (default: CosFace 30, ArcFace 64)."),
