@@ -143,7 +143,6 @@ class Models:
     dictionary: object | None  # FdmDict
     detector: object | None  # OcclusionDetector (``--occlusion detector``)
     source: str  # oracle | detector
-    device: object
     dict_path: Path | None = None
 
     def header(self) -> dict:
@@ -188,7 +187,7 @@ def load_models(trunk_name: str, weights, dict_path, occlusion_source: str, dete
 
         detector = OcclusionDetector.load(detector_path)
         detector.check_for(trunk.template, dictionary.grid if dictionary else None, detector_path)
-    return Models(trunk, point, dictionary, detector, occlusion_source, device, dict_path)
+    return Models(trunk, point, dictionary, detector, occlusion_source, dict_path)
 
 
 def stages(progress):

@@ -32,6 +32,7 @@ from pdsn_cli.benchmark import CommonOptions, check_outputs, finish, occlude_chi
 from pdsn_cli.chips import ChipCache, default_cache_dir
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed
+from pdsn_cli.faces import FaceItem
 from pdsn_cli.features import embed_features, extract_features
 from pdsn_cli.h5util import open_for_writing
 from pdsn_cli.lfw import CENTRED_FACE
@@ -262,8 +263,6 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         ids = sorted({it.identity for it in probe_items})
         keep = set(np.random.default_rng(cfg.seed).choice(ids, min(cfg.limit_identities, len(ids)), replace=False))
         probe_items = [it for it in probe_items if it.identity in keep]
-    from pdsn_cli.faces import FaceItem
-
     pcache = ChipCache(probe_root, trunk.template, cfg.cache_dir, centred)
     pchips, prep = pcache.ensure_and_load(probe_items, skipped, cfg.workers, stage("align probes"),
                                           what="the probe images")
