@@ -82,14 +82,35 @@ class ChipsWriter:
         self.f.create_dataset("identity", data=np.array(self.identity, dtype=object), dtype=STR)
 
 
-def read_chips(path: str | os.PathLike, select: np.ndarray | None = None) -> Chips:
+class LazyRows:
+    """The rows of one HDF5 dataset, read only when sliced (``rows[a:b]``); the file stays open for reading."""
+
+    def __init__(self, path: str | os.PathLike, name: str):
+        self._file = h5py.File(path, "r")
+        self._data = self._file[name]
+        self.shape, self.dtype = self._data.shape, self._data.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        return self._data[index]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_chips(path: str | os.PathLike, select: np.ndarray | None = None, lazy_images: bool = False) -> Chips:
+    """``lazy_images``: ``image`` is a :class:`LazyRows` (slices read on demand) instead of an array in memory."""
+    if lazy_images and select is not None:
+        raise ValueError("lazy_images reads whole slices; it does not combine with select")
     with open_checked(path, KIND, SCHEMA) as f:
         sel = slice(None) if select is None else np.sort(np.asarray(select))
         source = read_strings(f["source"])
         if select is not None:
             source = [source[i] for i in sel]
         return Chips(
-            image=f["image"][sel],
+            image=LazyRows(path, "image") if lazy_images else f["image"][sel],
             landmarks=f["landmarks"][sel],
             label=f["label"][sel],
             identity=read_strings(f["identity"]),

@@ -240,6 +240,9 @@ WEIGHTS = typer.Option(None, "--weights", help="Trunk weights file (.pth/.pt/.sa
 GPU = typer.Option(None, "--gpu", help="CUDA device index; default CPU.")
 
 
+PRECISION = typer.Option("bf16", "--precision", help="bf16 (autocast + channels_last, CUDA only; the CPU always runs fp32) | fp32")
+
+
 @app.command("train-block", epilog="""Examples:
 
     pdsn train-block --block all
@@ -263,6 +266,7 @@ def train_block_cmd(
     m: float = typer.Option(0.35, "--margin", help="CosFace margin m."),
     seed: int = typer.Option(0, "--seed"),
     gpu: Optional[int] = GPU,
+    precision: str = PRECISION,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Output (default: pdsn-work/blocks/<block>.pt)."),
     json_path: Optional[Path] = JSON_OUT,
@@ -276,7 +280,7 @@ def train_block_cmd(
     out_path = default_path(out_path, f"blocks/{tag}.pt")
     cfg = TrainBlockConfig(pairs=pairs, out=out_path, trunk=trunk, weights=weights, block=block,
                            mask_point=mask_point, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, lam=lam, s=s, m=m,
-                           seed=seed, gpu=gpu, resume=resume)
+                           seed=seed, gpu=gpu, resume=resume, precision=precision)
     with handled(resume_hint=resume_command()):
         with Bars(quiet) as bars:
             res = train_blocks(cfg, progress=bars.multi())
@@ -530,6 +534,8 @@ def embed_cmd(
     features: bool = typer.Option(False, "--features", help="Also store the mask-point conv features."),
     batch_size: int = typer.Option(64, "--batch-size"),
     gpu: Optional[int] = GPU,
+    precision: str = PRECISION,
+    compile: str = typer.Option("auto", "--compile", help="auto (only for ≥ 2M images: compiling costs tens of seconds) | on | off; CUDA only"),
     workers: int = typer.Option(1, "--workers"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     json_path: Optional[Path] = JSON_OUT,
@@ -541,7 +547,7 @@ def embed_cmd(
     cfg = EmbedConfig(input=input, out=out_path, trunk=trunk, weights=weights, which=which, data_dir=data_dir,
                       dict_path=dict_path, occlusion_source=occlusion, detector=detector,
                       block_threshold=block_threshold, flip=flip, features=features, batch_size=batch_size, gpu=gpu,
-                      workers=workers, resume=resume)
+                      workers=workers, resume=resume, precision=precision, compile=compile)
     with handled(resume_hint=resume_command()):
         with Bars(quiet) as bars:
             res = embed(cfg, progress=bars.multi())
@@ -667,7 +673,7 @@ def train_trunk_cmd(
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints."),
     resume: bool = typer.Option(False, "--resume"),
     gpu: Optional[int] = GPU,
-    precision: str = typer.Option("bf16", "--precision", help="bf16 (autocast, CUDA only) | fp32"),
+    precision: str = PRECISION,
     init_weights: Optional[str] = typer.Option(None, "--init-weights", help="Start from these trunk weights (fine-tune)."),
     json_path: Optional[Path] = JSON_OUT,
     quiet: bool = QUIET,

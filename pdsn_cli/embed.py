@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from pdsn_cli import chips_h5, pairs_h5
+from pdsn_cli.accel import check_precision
 from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps, partial_path
 from pdsn_cli.chips import AlignReport, ChipCache, chips_from_arrays
 from pdsn_cli.device import resolve_device
@@ -55,6 +56,8 @@ class EmbedConfig:
     workers: int = 1
     resume: bool = False
     cache_dir: Path | None = None
+    precision: str = "bf16"  # CUDA only (pdsn_cli.accel)
+    compile: str = "auto"
 
 
 def _load_input(cfg: EmbedConfig, template: str, progress=None):
@@ -82,7 +85,8 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None):
             ids = [pr.identity[i] for i in pr.label]
             return chips_from_arrays(img, pr.landmarks, ids, pr.source, np.zeros(len(ids)), template, False), occ, AlignReport(images=len(ids))
         if kind == chips_h5.KIND:
-            ch = chips_h5.read_chips(p)
+            # images stay in the file and are read chunk by chunk, while the GPU works on the previous one
+            ch = chips_h5.read_chips(p, lazy_images=True)
             if ch.template != template:
                 raise SchemaError(f"{p} holds {ch.template} chips, trunk needs {template}")
             return ch, None, AlignReport(images=len(ch))
@@ -123,6 +127,7 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
         raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
     if cfg.dict_path is not None and not 0 < cfg.block_threshold <= 1:
         raise BadInputError(f"--block-threshold must be in (0, 1], got {cfg.block_threshold}")
+    check_precision(cfg.precision)
     trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
     point = trunk.default_mask_point
     dictionary = detector = None
@@ -165,26 +170,34 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                 make_growable(f, "source", (), STR, compress=False)
                 f.create_dataset("identity", data=np.array(chips.identity, dtype=object), dtype=STR)
         with interrupt_between_steps() as check_interrupt, open_for_writing(tmp_out, "r+") as f:
-            for a in range(start, len(chips), CHUNK):
-                sl = slice(a, min(a + CHUNK, len(chips)))
-                feats = extract_features(trunk, chips.image[sl], point, cfg.batch_size, device, flip=cfg.flip)
+            # a GPU wants several batches queued per chunk; on the CPU small chunks make resuming finer
+            chunk = CHUNK if device.type == "cpu" else max(CHUNK, 8 * cfg.batch_size)
+            starts = list(range(start, len(chips), chunk))
+            rows = chips.image[starts[0]:starts[0] + chunk] if starts else None
+            for a in starts:
+                sl = slice(a, min(a + chunk, len(chips)))
+                cur = rows
+                feats = extract_features(trunk, cur, point, cfg.batch_size, device, flip=cfg.flip,
+                                         precision=cfg.precision, compile=cfg.compile, on_device=True)
+                # the next chunk is read (HDF5, disk) while the device still works on this one
+                rows = chips.image[sl.stop:sl.stop + chunk] if sl.stop < len(chips) else None
                 masks = None
                 kept = np.ones(sl.stop - sl.start, np.float32)
                 if dictionary is not None:
                     if detector is not None:
-                        blocks = detector.predict(chips.image[sl], template=trunk.template) >= cfg.block_threshold
+                        blocks = detector.predict(cur, template=trunk.template) >= cfg.block_threshold
                     else:
                         blocks = occ[sl] >= cfg.block_threshold
                     masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
                     empty_total += empty
                     kept = masks.reshape(len(masks), -1).mean(1).astype(np.float32)
-                emb = embed_features(trunk, feats, point, masks, device=device)
+                emb = embed_features(trunk, feats, point, masks, batch_size=max(256, cfg.batch_size), device=device)
                 if not np.isfinite(emb).all():
                     raise JobFailed(f"trunk {trunk.name} gives non-finite embeddings (NaN/inf) for images "
                                     f"{sl.start}..{sl.stop - 1}; check --weights")
                 append_rows(f["embedding"], emb)
                 if cfg.features:
-                    append_rows(f["features"], feats[:, 0] if cfg.flip else feats)
+                    append_rows(f["features"], (feats[:, 0] if cfg.flip else feats).cpu().numpy())
                 append_rows(f["fdm_kept"], kept)
                 append_rows(f["label"], chips.label[sl])
                 append_rows(f["source"], chips.source[sl])
@@ -198,7 +211,8 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
         "images": len(chips), "identities": len(chips.identity), "embedding_dim": trunk.embedding_dim,
         "flip": cfg.flip, "features": cfg.features, "dictionary": str(cfg.dict_path) if cfg.dict_path else None,
         "all_blocks_discarded_fallbacks": empty_total, "resumed_from": start, "align": rep.as_dict(),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(time.perf_counter() - t0, 2), "device": str(device),
+        "precision": "bf16" if device.type == "cuda" and cfg.precision == "bf16" else "fp32",
     }
 
 

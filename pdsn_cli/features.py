@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pdsn_cli.accel import FastForward
 from pdsn_cli.models.base import Trunk
 
 
@@ -18,28 +19,54 @@ def to_input(chips_u8: np.ndarray, device: torch.device) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float()
 
 
+def as_tensor(a, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """numpy or torch → tensor on ``device`` (no copy when it is there already)."""
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
+
+
+def fast_forward(trunk: Trunk, device: torch.device, precision: str = "bf16", compile: str = "auto",
+                 images: int = 0, batch_size: int = 64) -> FastForward:
+    """One FastForward per (trunk, device, settings), kept on the trunk so that a compiled graph is reused."""
+    cache = trunk.__dict__.setdefault("_pdsn_fast", {})
+    ff = FastForward(trunk, device, precision, compile, images, batch_size)
+    key = (str(device), ff.bf16, ff.compiled, batch_size)
+    return cache.setdefault(key, ff)
+
+
 @torch.no_grad()
-def extract_features(trunk: Trunk, chips: np.ndarray, point: str | None = None, batch_size: int = 64,
-                     device: torch.device | None = None, flip: bool = False, progress=None) -> np.ndarray:
+def extract_features(trunk: Trunk, chips, point: str | None = None, batch_size: int = 64,
+                     device: torch.device | None = None, flip: bool = False, progress=None,
+                     precision: str = "bf16", compile: str = "auto", on_device: bool = False,
+                     dtype: torch.dtype = torch.float32):
     """Features at ``point`` for every chip, float32 N×C×H×W (``flip`` → also returns the mirrored chips'
-    features stacked as a second array: (N, 2, C, H, W))."""
+    features stacked as a second array: (N, 2, C, H, W)).
+
+    ``chips``: anything sliceable to uint8 N×H×W×3 arrays (numpy, or rows read lazily from HDF5).
+    ``on_device``: return a tensor of ``dtype`` that stays on ``device`` (PDSN training keeps its feature cache
+    in GPU memory) instead of a numpy array. bf16 / compile apply on CUDA only (pdsn_cli.accel).
+    """
     device = device or torch.device("cpu")
     point = trunk.check_point(point)
-    outs = []
-    for a in range(0, len(chips), batch_size):
-        x = to_input(chips[a:a + batch_size], device)
-        f = trunk.features(x, point)
+    n = len(chips)
+    shape = (n, 2, *trunk.feature_shape(point)) if flip else (n, *trunk.feature_shape(point))
+    out = torch.empty(shape, dtype=dtype, device=device) if on_device else np.empty(shape, np.float32)
+    ff = fast_forward(trunk, device, precision, compile, n * (2 if flip else 1), batch_size)
+    for a in range(0, n, batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(chips[a:a + batch_size])).to(device, non_blocking=True)
+        f = ff(x, point)
         if flip:
-            f = torch.stack([f, trunk.features(torch.flip(x, dims=[3]), point)], dim=1)
-        # NCHW whatever layout the trunk ran in (oneDNN may hand back channels-last), as the feature cache stores
-        # them: downstream kernels round differently per layout, and a resumed train-block would not match
-        outs.append(f.float().cpu().contiguous().numpy())
+            f = torch.stack([f, ff(torch.flip(x, dims=[2]), point)], dim=1)
+        # NCHW whatever layout the trunk ran in (oneDNN / channels_last hand back NHWC strides), as the feature
+        # cache stores them: downstream kernels round differently per layout, and a resumed train-block would
+        # not match
+        if on_device:
+            out[a:a + len(x)] = f
+        else:
+            out[a:a + len(x)] = f.cpu().contiguous().numpy()
         if progress:
-            progress(min(a + batch_size, len(chips)), len(chips))
-    if not outs:
-        c = trunk.feature_shape(point)
-        return np.zeros((0, 2, *c) if flip else (0, *c), np.float32)
-    return np.concatenate(outs)
+            progress(min(a + batch_size, n), n)
+    return out
 
 
 @torch.no_grad()
@@ -53,10 +80,10 @@ def embed_features(trunk: Trunk, feats: np.ndarray, point: str | None = None, ma
     point = trunk.check_point(point)
     outs = []
     for a in range(0, len(feats), batch_size):
-        f = torch.from_numpy(np.ascontiguousarray(feats[a:a + batch_size])).to(device)
+        f = as_tensor(feats[a:a + batch_size], device, torch.float32)
         if masks is not None:
             m = masks if masks.ndim == 3 else masks[a:a + batch_size]
-            m = torch.from_numpy(np.ascontiguousarray(m)).to(device=device, dtype=f.dtype)
+            m = as_tensor(m, device, f.dtype)
             if f.ndim == 5 and m.ndim == 4:
                 m = m[:, None]
             f = f * m

@@ -127,8 +127,9 @@ def num_pairs(path: str | os.PathLike) -> int:
         return int(f["label"].shape[0])
 
 
-def read_pairs(path: str | os.PathLike, select=None, images: bool = True) -> Pairs:
-    """Load a pairs file (or the rows in ``select``); ``images=False`` skips the big arrays."""
+def read_pairs(path: str | os.PathLike, select=None, images: bool = True, masks: bool = True) -> Pairs:
+    """Load a pairs file (or the rows in ``select``); ``images=False`` skips the big arrays, ``masks=False`` the
+    pixel masks."""
     with open_pairs(path) as f:
         sel = slice(None) if select is None else np.sort(np.asarray(select))
         w = int(f.attrs["width"])
@@ -144,7 +145,7 @@ def read_pairs(path: str | os.PathLike, select=None, images: bool = True) -> Pai
         return Pairs(
             clean=get("clean") if images else np.empty((n, 0)),
             occluded=get("occluded") if images else np.empty((n, 0)),
-            mask=np.unpackbits(get("mask"), axis=-1, count=w).astype(bool) if images else np.empty((n, 0)),
+            mask=np.unpackbits(get("mask"), axis=-1, count=w).astype(bool) if images and masks else np.empty((n, 0)),
             blocks=get("blocks"),
             landmarks=get("landmarks"),
             label=get("label"),

@@ -31,7 +31,8 @@ from pdsn_cli import pairs_h5
 from pdsn_cli.atomic import atomic_output, check_writable
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
-from pdsn_cli.features import embed_features, extract_features
+from pdsn_cli.accel import autocast, check_precision, use_bf16
+from pdsn_cli.features import as_tensor, embed_features, extract_features
 from pdsn_cli.models import build_trunk
 
 CKPT_KIND = "pdsn-blocks"
@@ -80,6 +81,7 @@ class TrainBlockConfig:
     seed: int = 0
     gpu: int | None = None
     resume: bool = False
+    precision: str = "bf16"  # CUDA only: bf16 autocast, features cached in GPU memory as bf16
 
 
 @dataclass
@@ -94,8 +96,11 @@ class PairFeatures:
     num_classes: int
 
 
-def pair_features(trunk, pairs_path: Path, point: str, device, progress=None, rows=None) -> PairFeatures:
-    p = pairs_h5.read_pairs(pairs_path, select=rows)
+def pair_features(trunk, pairs_path: Path, point: str, device, progress=None, rows=None,
+                  precision: str = "bf16") -> PairFeatures:
+    """Trunk features of the pairs in ``rows``. On CUDA they stay in GPU memory when they fit (bf16 with
+    ``precision="bf16"``), so training never copies features between host and device."""
+    p = pairs_h5.read_pairs(pairs_path, select=rows, masks=False)
     if p.attrs["template"] != trunk.template:
         raise SchemaError(f"{pairs_path} was made for template {p.attrs['template']}, trunk {trunk.name} needs "
                           f"{trunk.template} (make-pairs --template {trunk.template})")
@@ -108,24 +113,34 @@ def pair_features(trunk, pairs_path: Path, point: str, device, progress=None, ro
     for i, s in enumerate(p.source):
         rows_of_uniq[first[s]] = i
     total = len(uniq) + len(p)
+    dtype = torch.bfloat16 if use_bf16(device, precision) else torch.float32
+    on_device = device.type == "cuda" and _fits_on_device(total * int(np.prod(trunk.feature_shape(point))) * dtype.itemsize, device)
+    kw = dict(device=device, precision=precision, on_device=on_device, dtype=dtype, batch_size=256 if on_device else 64)
     cb = (lambda d, n: progress(d, total)) if progress else None
-    fc = extract_features(trunk, p.clean[rows_of_uniq], point, device=device, progress=cb)
+    fc = extract_features(trunk, p.clean[rows_of_uniq], point, progress=cb, **kw)
     cb2 = (lambda d, n: progress(len(uniq) + d, total)) if progress else None
-    fo = extract_features(trunk, p.occluded, point, device=device, progress=cb2)
+    fo = extract_features(trunk, p.occluded, point, progress=cb2, **kw)
     # labels re-indexed densely over the identities present
     _, label = np.unique(p.label, return_inverse=True)
     return PairFeatures(fc, fo, clean_index, label.astype(np.int64), p.target.astype(np.int64), int(label.max()) + 1)
 
 
-def cached_pair_features(trunk, weights, pairs_path: Path, point: str, device, rows, progress=None) -> PairFeatures:
+def _fits_on_device(nbytes: int, device) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < 0.6 * free  # the rest: trunk, generators, activations of a training step
+
+
+def cached_pair_features(trunk, weights, pairs_path: Path, point: str, device, rows, progress=None,
+                         precision: str = "bf16") -> PairFeatures:
     """pair_features, memoised on disk (npz in the cache folder) by pairs file identity, trunk, weights and rows:
     the trunk runs once per pairs file however many times the generators are retrained."""
     import hashlib
 
     from pdsn_cli.chips import default_cache_dir
 
-    if weights is None and trunk.name != "dlib-resnet":  # a random init: nothing worth reusing
-        return pair_features(trunk, pairs_path, point, device, progress, rows)
+    if (weights is None and trunk.name != "dlib-resnet") or device.type == "cuda":
+        # a random init: nothing worth reusing; CUDA: features live in GPU memory, recomputing beats a disk round trip
+        return pair_features(trunk, pairs_path, point, device, progress, rows, precision)
     st = Path(pairs_path).stat()
     wst = Path(weights).stat() if weights is not None else None
     key = hashlib.sha1(repr((str(Path(pairs_path).resolve()), st.st_size, st.st_mtime_ns, trunk.name, str(weights),
@@ -181,6 +196,7 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     if missing:
         raise BadInputError(f"{cfg.pairs} has no pairs for block(s) {missing}; make them with "
                             f"`pdsn make-pairs --block all` (or --block J)")
+    check_precision(cfg.precision)
     trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
     for p in trunk.parameters():
         p.requires_grad_(False)
@@ -188,7 +204,8 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     rows = np.flatnonzero(np.isin(targets, blocks))
-    feats = cached_pair_features(trunk, cfg.weights, cfg.pairs, point, device, rows, _stage(progress, "features"))
+    feats = cached_pair_features(trunk, cfg.weights, cfg.pairs, point, device, rows, _stage(progress, "features"),
+                                 cfg.precision)
     t_feat = time.perf_counter() - t0
     weight = class_weights(trunk, feats, point, device)
     c, h, w = feats.clean.shape[1:]
@@ -204,8 +221,7 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     steps_per_epoch = math.ceil(max(len(r) for r in block_rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(total * 0.5), int(total * 0.75)], 0.1)
-    fc_all = torch.from_numpy(feats.clean).to(device)
-    fo_all = torch.from_numpy(feats.occluded).to(device)
+    fc_all, fo_all = as_tensor(feats.clean, device), as_tensor(feats.occluded, device)
     lab_all = torch.from_numpy(feats.label).to(device)
     cidx_all = torch.from_numpy(feats.clean_index).to(device)
     meta = dict(kind=CKPT_KIND, trunk=cfg.trunk, mask_point=point, grid=grid, template=trunk.template,
@@ -218,36 +234,42 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         gen.train()
         perms = [np.random.default_rng([cfg.seed, epoch, j]).permutation(r) for j, r in zip(blocks, block_rows)]
-        sums = np.zeros(3)
+        # n × steps × B pair indices (short blocks cycle through their pairs), on the device for the whole epoch
+        order = torch.from_numpy(np.stack([np.resize(p, steps_per_epoch * cfg.batch_size) for p in perms])
+                                 .reshape(n, steps_per_epoch, cfg.batch_size)).to(device)
+        # per-step (loss, ce, l1) stay on the device: read once per epoch, so the step never waits for the host
+        step_stats = torch.zeros(steps_per_epoch, 3, device=device)
         for step in range(steps_per_epoch):
-            idx = np.stack([np.resize(p, steps_per_epoch * cfg.batch_size)[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                            for p in perms])  # n×B (short blocks cycle through their pairs)
-            it = torch.from_numpy(idx).to(device)
+            it = order[:, step]
             fo = fo_all[it]
             fc = fc_all[cidx_all[it]]
             lab = lab_all[it].reshape(-1)
-            m = gen((fc - fo).abs())
-            mc, mo = (m * fc), (m * fo)
-            ec = trunk.head(mc.reshape(-1, c, h, w), point)
-            eo = trunk.head(mo.reshape(-1, c, h, w), point)
+            with autocast(device, cfg.precision):
+                m = gen((fc - fo).abs())
+                mc, mo = (m * fc), (m * fo)
+                ec = trunk.head(mc.reshape(-1, c, h, w), point)
+                eo = trunk.head(mo.reshape(-1, c, h, w), point)
             # per-generator mean losses, summed: each generator's gradient does not depend on n
-            ce = (F.cross_entropy(cosface_logits(ec, weight, lab, cfg.s, cfg.m), lab, reduction="none")
-                  + F.cross_entropy(cosface_logits(eo, weight, lab, cfg.s, cfg.m), lab, reduction="none")) * 0.5
+            ce = (F.cross_entropy(cosface_logits(ec.float(), weight, lab, cfg.s, cfg.m), lab, reduction="none")
+                  + F.cross_entropy(cosface_logits(eo.float(), weight, lab, cfg.s, cfg.m), lab, reduction="none")) * 0.5
             ce = ce.reshape(n, -1).mean(1)
-            l1 = (mo - mc).abs().reshape(n, cfg.batch_size, -1).mean(dim=(1, 2))
+            l1 = (mo.float() - mc.float()).abs().reshape(n, cfg.batch_size, -1).mean(dim=(1, 2))
             loss = (ce + cfg.lam * l1).sum()
-            if not torch.isfinite(loss):
-                kept = (f"the last good checkpoint is kept ({cfg.out.name}.ckpt) — lower --lr and --resume"
-                        if cfg.out.with_name(cfg.out.name + ".ckpt").exists() else
-                        "no checkpoint was written yet — lower --lr, or check --weights (NaN features?)")
-                raise JobFailed(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; {kept}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            sums += [loss.item() / n, ce.mean().item(), l1.mean().item()]
+            step_stats[step] = torch.stack([loss.detach() / n, ce.detach().mean(), l1.detach().mean()])
             if train_cb:
                 train_cb(epoch * steps_per_epoch + step + 1, total)
+        stats = step_stats.cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(stats[:, 0]))
+        if len(bad):
+            kept = (f"the last good checkpoint is kept ({cfg.out.name}.ckpt) — lower --lr and --resume"
+                    if cfg.out.with_name(cfg.out.name + ".ckpt").exists() else
+                    "no checkpoint was written yet — lower --lr, or check --weights (NaN features?)")
+            raise JobFailed(f"loss became {stats[bad[0], 0]} at epoch {epoch + 1} step {bad[0] + 1}; {kept}")
+        sums = stats.sum(0)
         # plain floats: numpy scalars would make the checkpoint unloadable with weights_only=True
         history.append({"epoch": epoch + 1, "loss": float(sums[0] / steps_per_epoch),
                         "ce": float(sums[1] / steps_per_epoch), "l1": float(sums[2] / steps_per_epoch)})
@@ -271,23 +293,28 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
 
 @torch.no_grad()
 def mean_block_masks(gen: MaskGenerators, feats: PairFeatures, blocks: list[int], device, batch: int = 256):
-    """Per block: the mean over its pairs of the min-max scaled masks (n×C×H×W), and the fraction > 0.5."""
+    """Per block: the mean over its pairs of the min-max scaled masks (n×C×H×W), and the fraction > 0.5.
+
+    Every generator runs on its own block's pairs in the same step (the grouped convolution keeps them apart);
+    blocks with fewer pairs cycle, and the repeats are left out of the mean."""
     gen.eval()
     c, h, w = feats.clean.shape[1:]
-    out = np.zeros((len(blocks), c, h, w), np.float64)
-    for k, j in enumerate(blocks):
-        rows = np.flatnonzero(feats.target == j)
-        for a in range(0, len(rows), batch):
-            r = rows[a:a + batch]
-            fo = torch.from_numpy(feats.occluded[r]).to(device)
-            fc = torch.from_numpy(feats.clean[feats.clean_index[r]]).to(device)
-            diff = torch.zeros(len(blocks), len(r), c, h, w, device=device)
-            diff[k] = (fc - fo).abs()
-            m = gen(diff)[k].reshape(len(r), -1)
-            lo, hi = m.min(1, keepdim=True).values, m.max(1, keepdim=True).values
-            m = (m - lo) / (hi - lo).clamp_min(1e-12)
-            out[k] += m.sum(0).reshape(c, h, w).double().cpu().numpy()
-        out[k] /= len(rows)
+    rows = [np.flatnonzero(feats.target == j) for j in blocks]
+    steps = math.ceil(max(len(r) for r in rows) / batch)
+    fc_all, fo_all = as_tensor(feats.clean, device), as_tensor(feats.occluded, device)
+    cidx = torch.from_numpy(feats.clean_index).to(device)
+    out = torch.zeros(len(blocks), c * h * w, dtype=torch.float64, device=device)
+    for s in range(steps):
+        pos = np.arange(s * batch, (s + 1) * batch)
+        it = torch.from_numpy(np.stack([r[pos % len(r)] for r in rows])).to(device)
+        valid = torch.from_numpy(np.stack([pos < len(r) for r in rows])).to(device)
+        fo = fo_all[it].float()
+        m = gen((fc_all[cidx[it]].float() - fo).abs()).reshape(len(blocks), batch, -1)
+        lo, hi = m.min(2, keepdim=True).values, m.max(2, keepdim=True).values
+        m = (m - lo) / (hi - lo).clamp_min(1e-12)
+        out += (m * valid[..., None]).sum(1).double()
+    out = (out / torch.tensor([len(r) for r in rows], device=device, dtype=torch.float64)[:, None]).cpu().numpy()
+    out = out.reshape(len(blocks), c, h, w)
     return out.astype(np.float32), (out > 0.5).mean(axis=(1, 2, 3))
 
 

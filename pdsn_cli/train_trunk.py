@@ -35,12 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
+from pdsn_cli.accel import prepare_module
 from pdsn_cli.device import resolve_device, seed_everything
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
 from pdsn_cli.heads import build_head, head_names
 from pdsn_cli.models import build_trunk, trunk_names
 from pdsn_cli.models.checkpoint import load_checkpoint, save_checkpoint
 
+#: on CUDA the host reads the step losses this often (and at every checkpoint and epoch end)
+SYNC_EVERY = 25
 CHECKPOINT_NAME = "checkpoint.pt"
 TRUNK_NAME = "trunk.pt"
 CHECKPOINT_FORMAT = "pdsn-train-trunk"
@@ -390,13 +393,15 @@ def _train(cfg: TrainTrunkConfig, procs: _Processes, progress) -> dict:
         )
 
     head = build_head(cfg.head, trunk.embedding_dim, len(classes), cfg.s, cfg.m)
-    net = _TrainNet(trunk, head).to(device)
+    # CUDA + bf16: channels_last and cuDNN autotuning (pdsn_cli.accel); the CPU runs as before
+    net = prepare_module(_TrainNet(trunk, head), device, "bf16" if cfg.amp else "fp32")
     model = net
     if procs.distributed:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     opt = torch.optim.SGD(
         [p for p in net.parameters() if p.requires_grad],
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",  # one kernel for the whole update instead of one per parameter
     )
     # each process its own dropout / flip streams, all derived from the seed
     torch.manual_seed(cfg.seed + 1_000_003 * procs.rank)
@@ -452,10 +457,32 @@ def _train(cfg: TrainTrunkConfig, procs: _Processes, progress) -> dict:
 
     t0 = time.perf_counter()
     stop_all = False
+    # losses of the steps since the host last looked: on CUDA the host reads them (loss, NaN check, stop vote)
+    # every SYNC_EVERY steps and before every checkpoint, so the GPU never waits for it in between
+    pending: list[torch.Tensor] = []
+    loss_v = float("nan")
+
+    def sync(step: int) -> None:
+        nonlocal stop_all, run_sum, run_n, loss_v, pending
+        vote = torch.tensor([float(stop.requested)], device=device)
+        vals = procs.all_sum(torch.cat([torch.stack(pending), vote]) if pending else vote).tolist()
+        losses = [v / procs.world for v in vals[:-1]]
+        stop_all = procs.distributed and vals[-1] > 0
+        for k, v in enumerate(losses):
+            if not math.isfinite(v):
+                raise JobFailed(
+                    f"loss became {v} at step {step - len(losses) + k + 1}/{total}; "
+                    f"{_kept(written_step, ckpt_path)} (lower --lr or check the data)"
+                )
+        run_sum, run_n = run_sum + sum(losses), run_n + len(losses)
+        loss_v = losses[-1] if losses else loss_v
+        pending = []
+
     with _StopFlag() as stop:
         order, order_epoch = None, -1
         for step in range(start, total):
             if stop_all or (not procs.distributed and stop.requested):
+                sync(step)
                 save(step)
                 procs.barrier()
                 raise KeyboardInterrupt
@@ -473,28 +500,21 @@ def _train(cfg: TrainTrunkConfig, procs: _Processes, progress) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x.contiguous(), y)
+                # the permuted NHWC batch is already channels_last, what the CUDA model runs in
+                logits = model(x if cuda else x.contiguous(), y)
             loss = F.cross_entropy(logits.float(), y)
-            # one small all-reduce per step carries the loss for logging, the NaN check and the stop vote,
-            # so every process takes the same decision at the same step
-            vote = torch.tensor(float(stop.requested), device=device)
-            stats = procs.all_sum(torch.stack([loss.detach().float(), vote]))
-            loss_sum, votes = stats.tolist()
-            loss_v = loss_sum / procs.world
-            stop_all = procs.distributed and votes > 0
-            if not math.isfinite(loss_v):
-                raise JobFailed(
-                    f"loss became {loss_v} at step {step + 1}/{total}; {_kept(written_step, ckpt_path)} "
-                    "(lower --lr or check the data)"
-                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            run_sum, run_n = run_sum + loss_v, run_n + 1
-            if i == steps_per_epoch - 1:
+            pending.append(loss.detach().float())
+            end_of_epoch = i == steps_per_epoch - 1
+            checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total
+            if not cuda or checkpoint_now or end_of_epoch or (step + 1) % SYNC_EVERY == 0:
+                sync(step + 1)
+            if end_of_epoch:
                 epoch_losses.append(run_sum / run_n)
                 run_sum, run_n = 0.0, 0
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            if checkpoint_now:
                 save(step + 1)
             if progress is not None and procs.main:
                 info = {"step": step + 1, "total": total, "epoch": epoch + 1, "epochs": cfg.epochs}
