@@ -33,6 +33,26 @@ _DLIB5_UNIT = np.array(
         [0.4901123135679, 0.6277975316475],
     ]
 )
+# dlib's mean face for the 68-point model's landmarks 17..67 on the unit square (get_face_chip_details, the
+# alignment dlib's ResNet descriptor was published with); dlib fits the chip on the nose, eyes and outer/upper lip
+# only (points 27..54 and 60..64: no eyebrows, no lower lip), as below.
+_DLIB68_UNIT = np.array([
+    [0.000213256, 0.0752622, 0.18113, 0.29077, 0.393397, 0.586856, 0.689483, 0.799124, 0.904991, 0.98004,
+     0.490127, 0.490127, 0.490127, 0.490127, 0.36688, 0.426036, 0.490127, 0.554217, 0.613373, 0.121737,
+     0.187122, 0.265825, 0.334606, 0.260918, 0.182743, 0.645647, 0.714428, 0.793132, 0.858516, 0.79751,
+     0.719335, 0.254149, 0.340985, 0.428858, 0.490127, 0.551395, 0.639268, 0.726104, 0.642159, 0.556721,
+     0.490127, 0.423532, 0.338094, 0.290379, 0.428096, 0.490127, 0.552157, 0.689874, 0.553364, 0.490127,
+     0.42689],
+    [0.106454, 0.038915, 0.0187482, 0.0344891, 0.0773906, 0.0773906, 0.0344891, 0.0187482, 0.038915, 0.106454,
+     0.203352, 0.307009, 0.409805, 0.515625, 0.587326, 0.609345, 0.628106, 0.609345, 0.587326, 0.216423,
+     0.178758, 0.179852, 0.231733, 0.245099, 0.244077, 0.231733, 0.179852, 0.178758, 0.216423, 0.244077,
+     0.245099, 0.780233, 0.745405, 0.727388, 0.742578, 0.727388, 0.745405, 0.780233, 0.864805, 0.902192,
+     0.909281, 0.902192, 0.864805, 0.784792, 0.778746, 0.785343, 0.778746, 0.784792, 0.824182, 0.831803,
+     0.824182],
+]).T
+#: the 68-point indices dlib's chip is fitted on
+DLIB68_FIT = np.array([i for i in range(27, 68) if not (55 <= i <= 59 or 65 <= i <= 67)])
+
 # insightface's 112×112 ArcFace template: left eye, right eye, nose tip, left / right mouth corner.
 _ARC112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
@@ -47,14 +67,17 @@ class Template:
     dst: np.ndarray  # 5×2 destination points in chip pixels
     #: reproduce dlib's extract_image_chip exactly (its rectangle convention and truncating interpolation)
     dlib_geometry: bool = False
+    #: destination of the DLIB68_FIT landmarks, for a dlib template aligned with the 68-point model
+    dst68: np.ndarray | None = None
 
 
-def _dlib_template(size: int, padding: float) -> np.ndarray:
-    return (padding + _DLIB5_UNIT) / (2 * padding + 1) * size
+def _dlib_template(size: int, padding: float, unit: np.ndarray = _DLIB5_UNIT) -> np.ndarray:
+    return (padding + unit) / (2 * padding + 1) * size
 
 
 TEMPLATES: dict[str, Template] = {
-    "dlib150": Template("dlib150", (150, 150), "dlib5", _dlib_template(150, 0.25), dlib_geometry=True),
+    "dlib150": Template("dlib150", (150, 150), "dlib5", _dlib_template(150, 0.25), dlib_geometry=True,
+                        dst68=_dlib_template(150, 0.25, _DLIB68_UNIT[DLIB68_FIT - 17])),
     "arc112x112": Template("arc112x112", (112, 112), "arc5", _ARC112),
     # the 112×96 SphereFace/CosFace crop is the 112×112 one with 8 px taken off each side
     "arc112x96": Template("arc112x96", (112, 96), "arc5", _ARC112 - [8.0, 0.0]),
@@ -118,13 +141,19 @@ def warp(image: np.ndarray, m: np.ndarray, size: tuple[int, int], truncate: bool
     return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def align_with_points(image: np.ndarray, arc5: np.ndarray, dlib5: np.ndarray | None, template: str):
-    """Warp ``image`` to ``template`` from known landmarks; returns (chip, arc5 in chip pixels)."""
+def align_with_points(image: np.ndarray, arc5: np.ndarray, dlib5: np.ndarray | None, template: str,
+                      dlib68: np.ndarray | None = None):
+    """Warp ``image`` to ``template`` from known landmarks; returns (chip, arc5 in chip pixels).
+
+    ``dlib68`` (all 68 points of dlib's 68-point model): a dlib template is fitted on them, as dlib's
+    ``get_face_chip`` does for that model, instead of on the 5-point model's ``dlib5``."""
     t = get_template(template)
-    src = dlib5 if t.points == "dlib5" else arc5
+    src, dst = (dlib5, t.dst) if t.points == "dlib5" else (arc5, t.dst)
+    if dlib68 is not None and t.dst68 is not None:
+        src, dst = np.asarray(dlib68, np.float64)[DLIB68_FIT], t.dst68
     if src is None:
         raise BadInputError(f"template {template} needs dlib's 5-point landmarks")
-    m = dlib_chip_transform(src, t.dst, t.size) if t.dlib_geometry else similarity_transform(src, t.dst)
+    m = dlib_chip_transform(src, dst, t.size) if t.dlib_geometry else similarity_transform(src, dst)
     return warp(image, m, t.size, truncate=t.dlib_geometry), transform_points(m, arc5)
 
 
@@ -202,14 +231,14 @@ class FaceAligner:
         dlib5 = np.array([[s5.part(i).x, s5.part(i).y] for i in range(5)], np.float64)
         p = np.array([[s68.part(i).x, s68.part(i).y] for i in range(68)], np.float64)
         arc5 = np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
-        return arc5, dlib5
+        return arc5, dlib5, p
 
     def find_points(self, image: np.ndarray):
-        """(arc5, dlib5, detected: bool, faces_seen: int) in image pixels."""
+        """(arc5, dlib5, dlib68 or None, detected: bool, faces_seen: int) in image pixels."""
         rect, n = self.detect(image)
         if rect is None:
             h, w = image.shape[:2]
             scale = np.array([w, h], np.float64)
-            return _CENTRED_ARC5 * scale, _CENTRED_DLIB5 * scale, False, 0
-        arc5, dlib5 = self.landmarks(image, rect)
-        return arc5, dlib5, True, n
+            return _CENTRED_ARC5 * scale, _CENTRED_DLIB5 * scale, None, False, 0
+        arc5, dlib5, dlib68 = self.landmarks(image, rect)
+        return arc5, dlib5, dlib68, True, n

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pdsn_cli.align import get_template
 from pdsn_cli.chips import AlignReport, ChipCache, DataSpec, load_chips
 from pdsn_cli.chips_h5 import Chips
 from pdsn_cli.device import resolve_device
@@ -40,7 +41,7 @@ class VerificationSet:
 
 
 def lfw_set(root: Path, pairs_file: Path | None, template: str, limit_pairs: int | None, workers: int = 1,
-            cache_dir: Path | None = None, progress=None) -> VerificationSet:
+            cache_dir: Path | None = None, progress=None, landmarks: int = 5) -> VerificationSet:
     from pdsn_cli.lfw import CENTRED_FACE, read_pairs
     from pdsn_cli.lfw import limit_pairs as limit
 
@@ -51,7 +52,7 @@ def lfw_set(root: Path, pairs_file: Path | None, template: str, limit_pairs: int
     if limit_pairs:
         pairs = limit(pairs, limit_pairs)
     paths = sorted({p.path1 for p in pairs} | {p.path2 for p in pairs})
-    chips, rep = ChipCache(root, template, cache_dir, centred=CENTRED_FACE).ensure_and_load(
+    chips, rep = ChipCache(root, template, cache_dir, centred=CENTRED_FACE, landmarks=landmarks).ensure_and_load(
         [FaceItem(p, p.split("/")[0]) for p in paths], workers=workers, progress=progress,
         what=f"the {len(paths)} images of {pairs_file}")
     pos = {p: i for i, p in enumerate(chips.source)}
@@ -250,6 +251,9 @@ class BenchmarkConfig(CommonOptions):
     occlusions: list[str] = field(default_factory=lambda: ["none"])
     limit_pairs: int | None = None
     jitter: int = 0  # dlib's num_jitters: mean raw embedding over N jittered views (baseline only)
+    #: landmark model the dlib150 chips are fitted on: "5", "68" (dlib's original chip), or "5+68" (both chips
+    #: of every image are embedded and their embeddings summed, like --flip's views)
+    landmarks: str = "5"
     metric: str = "cosine"  # cosine | euclidean (dlib's: distance of the raw, unnormalised embeddings)
     plot: Path | None = None
 
@@ -268,20 +272,40 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
     if cfg.jitter and cfg.dict_path is not None:
         raise BadInputError("--jitter applies to the whole trunk; PDSN masks the features of the chip itself "
                             "(drop --dict, or --jitter)")
+    if cfg.landmarks not in LANDMARK_SETS:
+        raise BadInputError(f"--landmarks must be one of {', '.join(LANDMARK_SETS)}, got {cfg.landmarks!r}")
+    if cfg.landmarks != "5" and cfg.dataset != "lfw":
+        raise BadInputError("--landmarks 68 / 5+68 applies to real photos: --dataset lfw")
+    if cfg.jitter and cfg.landmarks == "5+68":
+        raise BadInputError("--jitter does not combine with --landmarks 5+68; choose one")
     models = cfg.load_models(device)
     trunk, point, dictionary, grid = models.trunk, models.point, models.dictionary, models.grid
+    if cfg.landmarks != "5" and get_template(trunk.template).dst68 is None:
+        raise BadInputError(f"--landmarks {cfg.landmarks} needs a dlib template; trunk {trunk.name} uses {trunk.template}")
     variants = parse_occlusions(cfg.occlusions, grid)
     check_outputs(cfg.plot, cfg.report)
     stage = stages(progress)
     if cfg.dataset == "lfw":
         if cfg.data_dir is None:
             raise BadInputError("--dataset lfw needs --data-dir (the folder with lfw/<name>/*.jpg and pairs.txt)")
-        vs = lfw_set(cfg.data_dir, cfg.pairs_file, trunk.template, cfg.limit_pairs, cfg.workers, cfg.cache_dir,
-                     progress=stage("align"))
+        sets = [lfw_set(cfg.data_dir, cfg.pairs_file, trunk.template, cfg.limit_pairs, cfg.workers, cfg.cache_dir,
+                        progress=stage("align"), landmarks=lm) for lm in LANDMARK_SETS[cfg.landmarks]]
+        if any(s.chips.source != sets[0].chips.source or (s.i1 != sets[0].i1).any() for s in sets[1:]):
+            raise JobFailed("the 5- and 68-landmark chip caches hold different images; delete one and rerun")
+        vs = sets[0]
     elif cfg.dataset == "synthetic":
         vs = synthetic_set(trunk.template)
+        sets = [vs]
     else:
         raise BadInputError(f"unknown dataset {cfg.dataset!r} for verification; use lfw or synthetic")
+
+    def views(chip_sets, name=None):
+        """Features of every chip set (with --flip, each also mirrored), stacked as views: N×V×C×H×W."""
+        fs = [extract_features(trunk, c, point, cfg.batch_size, device, flip=cfg.flip,
+                               progress=stage(name) if name else None) for c in chip_sets]
+        if len(fs) == 1:
+            return fs[0]
+        return np.concatenate([f if f.ndim == 5 else f[:, None] for f in fs], axis=1)
 
     if cfg.jitter:
         from pdsn_cli.jitter import embed_jittered
@@ -292,25 +316,26 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
 
         feats = jittered(vs.chips.image, vs.chips.source, "jittered views")
     else:
-        feats = extract_features(trunk, vs.chips.image, point, cfg.batch_size, device, flip=cfg.flip,
-                                 progress=stage("features"))
+        feats = views([s.chips.image for s in sets], "features")
     if not np.isfinite(feats).all():
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
     rows, curves, shown = [], {}, {}
     for vi, variant in enumerate(variants):
-        occ_chips, occ = occlude_second(vs, variant, grid, cfg.seed)
+        occ_sets = [occlude_second(s, variant, grid, cfg.seed) for s in sets]
+        occ_chips, occ = occ_sets[0]
         shown[variant] = occ_chips[:8]
         f1 = feats[vs.i1]
         if cfg.jitter:  # feats are embeddings already
             f2 = feats[vs.i2] if variant == "none" else jittered(occ_chips, [vs.chips.source[i] for i in vs.i2])
             results = {"baseline": pair_scores(f1, f2, cfg.metric)}
         else:
-            f2 = feats[vs.i2] if variant == "none" else extract_features(
-                trunk, occ_chips, point, cfg.batch_size, device, flip=cfg.flip)
+            f2 = feats[vs.i2] if variant == "none" else views([c for c, _ in occ_sets])
             results = {"baseline": _scores(trunk, f1, f2, point, None, device, cfg.metric)}
         if dictionary is not None:
             blocks = models.occluded_blocks(occ_chips, occ, cfg.block_threshold)
             masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
+            if cfg.flip and len(sets) > 1:  # one (chip, mirror) mask pair per chip set
+                masks = np.concatenate([masks] * len(sets), axis=1)
             results["pdsn"] = _scores(trunk, f1, f2, point, masks, device, cfg.metric)
             occluded_frac = float(blocks.reshape(len(blocks), -1).mean())
         for method, s in results.items():
@@ -339,10 +364,15 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         "flip": cfg.flip,
         "jitter": cfg.jitter,
         "metric": cfg.metric,
+        "landmarks": cfg.landmarks,
         "align": vs.report.as_dict() | {"several_faces": vs.report.several_faces},
         "results": rows,
     }
     return finish(result, models, cfg.report, t0, f"{vs.name} — {trunk.name}", roc=curves, probes=shown)
+
+
+#: --landmarks → the landmark models whose chips are embedded
+LANDMARK_SETS = {"5": [5], "68": [68], "5+68": [5, 68]}
 
 
 def _scores(trunk, f1, f2, point, masks, device, metric: str = "cosine") -> np.ndarray:

@@ -67,28 +67,35 @@ def _init_worker(max_centre_offset: float | None = None) -> None:
 
 
 def _align_file(args):
-    root, rel, template, disk = args
+    root, rel, template, disk, landmarks = args
     try:
         image = read_image(Path(root) / disk)
     except BadImage as e:
         return rel, None, str(e)
-    arc5, dlib5, detected, faces = _ALIGNER.find_points(image)
-    chip, lm = align_with_points(image, arc5, dlib5, template)
+    arc5, dlib5, dlib68, detected, faces = _ALIGNER.find_points(image)
+    chip, lm = align_with_points(image, arc5, dlib5, template, dlib68 if landmarks == 68 else None)
     return rel, (chip, lm, ALIGNED_DETECTED if detected else ALIGNED_FALLBACK, faces), None
 
 
 # ---- the cache ---------------------------------------------------------------------------------------------
 class ChipCache:
     def __init__(self, data_root: Path, template: str, cache_dir: Path | None = None,
-                 centred: float | None = None):
+                 centred: float | None = None, landmarks: int = 5):
         """``centred``: the subject is centred by construction (LFW): faces farther than this fraction of the
-        shorter side from the centre are not taken (see ``FaceAligner``); such chips are cached apart."""
+        shorter side from the centre are not taken (see ``FaceAligner``); such chips are cached apart.
+        ``landmarks=68``: dlib templates are fitted on the 68-point model's landmarks (dlib's original chip for
+        its ResNet descriptor) instead of the 5-point model's; cached apart too."""
+        if landmarks not in (5, 68):
+            raise BadInputError(f"--landmarks must be 5 or 68, got {landmarks}")
         self.root = Path(data_root).resolve()
         self.template = get_template(template)
         self.centred = centred
+        self.landmarks = landmarks
         key = hashlib.sha1(str(self.root).encode("utf-8", "surrogateescape")).hexdigest()[:10]
-        self.dir = (cache_dir or default_cache_dir()) / "chips" / f"{self.root.name}-{key}" / (
-            template if centred is None else f"{template}-centred{centred:g}")
+        name = template if centred is None else f"{template}-centred{centred:g}"
+        if landmarks == 68 and self.template.dst68 is not None:
+            name += "-lm68"
+        self.dir = (cache_dir or default_cache_dir()) / "chips" / f"{self.root.name}-{key}" / name
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def shards(self) -> list[Path]:
@@ -124,7 +131,7 @@ class ChipCache:
             return rep
         n0 = len(self.shards())
         ident = {it.path: it.identity for it in items}
-        jobs = [(str(self.root), it.path, self.template.name, it.file or it.path) for it in todo]
+        jobs = [(str(self.root), it.path, self.template.name, it.file or it.path, self.landmarks) for it in todo]
         pool = None
         if workers > 1:
             pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(self.centred,))

@@ -409,6 +409,8 @@ def ar_table(res: dict) -> Table:
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --jitter 40 --metric euclidean
 
+    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --landmarks 5+68 --flip --metric euclidean
+
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --dict pdsn-work/dict.h5 --occluder sunglasses --occluder scarf --report report/
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --occluder block --limit-pairs 600
@@ -446,6 +448,7 @@ def benchmark_cmd(
     flip: bool = typer.Option(False, "--flip", help="Test-time flip: sum the embeddings of the chip and its mirror."),
     jitter: int = typer.Option(0, "--jitter", help="lfw/synthetic baseline: dlib's num_jitters — mean embedding over N jittered views (N× slower)."),
     metric: str = typer.Option("cosine", "--metric", help="lfw/synthetic: cosine | euclidean (dlib's: distance of the raw embeddings)."),
+    landmarks: str = typer.Option("5", "--landmarks", help="lfw, dlib150 chips: fitted on dlib's 5 | 68 landmark model, or 5+68 (both chips' embeddings summed)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the occlusions and jitter (the same images for every method)."),
     gpu: Optional[int] = GPU,
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -461,6 +464,10 @@ def benchmark_cmd(
             from pdsn_cli.atomic import check_writable
 
             check_writable(json_path)
+        if landmarks != "5" and dataset not in ("lfw", "synthetic"):
+            from pdsn_cli.errors import BadInputError
+
+            raise BadInputError(f"--landmarks {landmarks} is only implemented for --dataset lfw")
         if dataset in ("megaface", "megaface-lfw"):
             from pdsn_cli.identification import IdentificationConfig, run_identification
 
@@ -487,6 +494,7 @@ def benchmark_cmd(
                                   weights=weights, dict_path=dict_path, occlusions=occluder or ["none"],
                                   occlusion_source=occlusion, detector=detector, block_threshold=block_threshold,
                                   limit_pairs=limit_pairs, flip=flip, jitter=jitter, metric=metric, seed=seed,
+                                  landmarks=landmarks,
                                   gpu=gpu, batch_size=batch_size,
                                   workers=workers, plot=plot, report=report)
             run, table = run_benchmark, results_table

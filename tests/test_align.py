@@ -116,18 +116,42 @@ def test_dlib150_chip_equals_dlib_get_face_chip():
 
 
 @needs_dlib
+def test_dlib150_chip_from_68_landmarks_equals_dlib_get_face_chip():
+    import dlib
+
+    from pdsn_cli.align import models_dir
+
+    detect = dlib.get_frontal_face_detector()
+    sp68 = dlib.shape_predictor(os.path.join(models_dir(), "shape_predictor_68_face_landmarks.dat"))
+    compared = 0
+    for img in _dlib_photos():
+        rects = detect(img, 1)
+        if not rects:
+            continue
+        shape = sp68(img, rects[0])
+        dlib68 = np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float64)
+        ref = np.asarray(dlib.get_face_chip(img, shape, 150, 0.25))
+        ours, _ = align_with_points(img, dlib68[[36, 45, 30, 48, 54]], None, "dlib150", dlib68=dlib68)
+        diff = np.abs(ours.astype(int) - ref.astype(int))
+        assert diff.max() <= 1, f"68-point dlib150 chip differs from dlib's by {diff.max()} grey levels"
+        assert diff.mean() < 0.01
+        compared += 1
+    assert compared >= 4, "dlib found too few faces to compare"
+
+
+@needs_dlib
 def test_face_aligner_finds_synthetic_faces_or_falls_back_to_a_centred_crop():
     from pdsn_cli.align import FaceAligner
     from pdsn_cli.synthetic import synthetic_faces
 
     aligner = FaceAligner(use_cnn=False)
     face = synthetic_faces(1, 1)[0]
-    arc5, dlib5, detected, n = aligner.find_points(face.image)
+    arc5, dlib5, _, detected, n = aligner.find_points(face.image)
     assert detected and n == 1
     # the 68-point eye centres, nose tip and mouth corners land near the drawn ones (a few pixels)
     assert np.abs(arc5 - face.landmarks).max() < 8
     blank = np.full((120, 100, 3), 90, np.uint8)
-    arc5, dlib5, detected, n = aligner.find_points(cv2.GaussianBlur(blank, (5, 5), 0))
+    arc5, dlib5, dlib68, detected, n = aligner.find_points(cv2.GaussianBlur(blank, (5, 5), 0))
     assert not detected and n == 0
     assert arc5.shape == (5, 2) and (arc5[:, 0] < 100).all() and (arc5[:, 1] < 120).all()
 
@@ -140,9 +164,9 @@ def test_centred_face_rule_passes_over_bystanders():
     face = synthetic_faces(1, 1, size=250)[0].image
     canvas = np.full((600, 600, 3), 90, np.uint8)
     canvas[:250, :250] = face  # a face only in the corner: a bystander for a centred dataset
-    assert FaceAligner(use_cnn=False).find_points(canvas)[2]
-    _, _, detected, _ = FaceAligner(use_cnn=False, max_centre_offset=0.2).find_points(canvas)
+    assert FaceAligner(use_cnn=False).find_points(canvas)[3]
+    _, _, _, detected, _ = FaceAligner(use_cnn=False, max_centre_offset=0.2).find_points(canvas)
     assert not detected
     canvas[175:425, 175:425] = face  # the subject in the middle is taken
-    arc5, _, detected, n = FaceAligner(use_cnn=False, max_centre_offset=0.2).find_points(canvas)
+    arc5, _, _, detected, n = FaceAligner(use_cnn=False, max_centre_offset=0.2).find_points(canvas)
     assert detected and n == 2 and np.abs(arc5.mean(0) - 300).max() < 40

@@ -87,6 +87,9 @@ def test_occlude_second_is_seeded_per_pair_and_mirrors_blocks():
     (dict(dataset="synthetic", occlusion_source="guess"), "--occlusion"),
     (dict(dataset="synthetic", occlusion_source="detector"), "needs --detector"),
     (dict(dataset="synthetic", occlusions=["umbrella"]), "unknown occlusion"),
+    (dict(dataset="synthetic", landmarks="7"), "--landmarks must be one of"),
+    (dict(dataset="synthetic", landmarks="68"), "applies to real photos"),
+    (dict(dataset="lfw", landmarks="5+68", jitter=4), "does not combine"),
 ])
 def test_bad_benchmark_arguments(cfg, message, tiny_weights):
     with pytest.raises(BadInputError, match=message):
@@ -129,3 +132,22 @@ def test_lfw_layout_with_dlib_resnet(tmp_path):
                                           occlusions=["none", "mask"]))
     assert again["align"]["from_cache"] == 18 and again["align"]["aligned_now"] == 0
     assert again["results"] == res["results"]
+
+
+@needs_dlib
+def test_lfw_with_68_landmark_chips_and_both(tmp_path):
+    from pdsn_cli.benchmark import lfw_set
+
+    root = write_tiny_lfw(tmp_path / "lfw")
+    five = lfw_set(root, None, "dlib150", None, landmarks=5)
+    six8 = lfw_set(root, None, "dlib150", None, landmarks=68)
+    assert six8.chips.source == five.chips.source and (six8.i2 == five.i2).all()
+    # another landmark fit: the same faces, a slightly different warp (dlib's 68-point chip)
+    d = np.abs(six8.chips.image.astype(int) - five.chips.image.astype(int)).mean()
+    assert 0.5 < d < 40
+    runs = {lm: run_benchmark(BenchmarkConfig(dataset="lfw", data_dir=root, trunk="dlib-resnet", landmarks=lm,
+                                              flip=True, metric="euclidean", occlusions=["none", "sunglasses"]))
+            for lm in ("68", "5+68")}
+    for lm, res in runs.items():
+        assert res["landmarks"] == lm and res["pairs"] == 11
+        _check_rows(res["results"])
