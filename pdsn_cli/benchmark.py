@@ -145,11 +145,14 @@ class Models:
     detector: object | None  # OcclusionDetector (``--occlusion detector``)
     source: str  # oracle | detector
     dict_path: Path | None = None
+    #: the trunk PDSN-masked features are embedded with (the dictionary's fine-tuned head, if it has one)
+    masked_trunk: object | None = None
 
     def header(self) -> dict:
         """The result keys every benchmark starts with: what was measured, with which trunk and dictionary."""
         return {"trunk": self.trunk.name, "mask_point": self.point,
                 "dictionary": str(self.dict_path) if self.dict_path else None,
+                "finetuned_head": bool(self.dictionary is not None and self.dictionary.head),
                 "occlusion_source": self.source if self.dictionary is not None else None}
 
     @property
@@ -188,7 +191,8 @@ def load_models(trunk_name: str, weights, dict_path, occlusion_source: str, dete
 
         detector = OcclusionDetector.load(detector_path)
         detector.check_for(trunk.template, dictionary.grid if dictionary else None, detector_path)
-    return Models(trunk, point, dictionary, detector, occlusion_source, dict_path)
+    masked = dictionary.masked_trunk(trunk).to(device) if dictionary is not None else trunk
+    return Models(trunk, point, dictionary, detector, occlusion_source, dict_path, masked)
 
 
 def stages(progress):
@@ -336,7 +340,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
             masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
             if cfg.flip and len(sets) > 1:  # one (chip, mirror) mask pair per chip set
                 masks = np.concatenate([masks] * len(sets), axis=1)
-            results["pdsn"] = _scores(trunk, f1, f2, point, masks, device, cfg.metric)
+            results["pdsn"] = _scores(models.masked_trunk, f1, f2, point, masks, device, cfg.metric)
             occluded_frac = float(blocks.reshape(len(blocks), -1).mean())
         for method, s in results.items():
             r = summarize(s, vs.same, vs.fold)
@@ -366,6 +370,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         "metric": cfg.metric,
         "landmarks": cfg.landmarks,
         "align": vs.report.as_dict() | {"several_faces": vs.report.several_faces},
+        **({"align_68": sets[1].report.as_dict()} if len(sets) > 1 else {}),
         "results": rows,
     }
     return finish(result, models, cfg.report, t0, f"{vs.name} — {trunk.name}", roc=curves, probes=shown)

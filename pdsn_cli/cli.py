@@ -326,6 +326,48 @@ def build_dict_cmd(
     }))
 
 
+@app.command("finetune", epilog="""Examples:
+
+    pdsn finetune --pairs pdsn-work/pairs-blocks.h5 --pairs pdsn-work/pairs-sunglasses.h5
+
+    pdsn finetune --dict dict.h5 --pairs random.h5 --pairs square.h5 --max-pairs 6000 --epochs 3 --out dict-ft.h5
+""")
+def finetune_cmd(
+    dict_path: Optional[Path] = typer.Option(None, "--dict", help="FDM dictionary to fine-tune for (default: pdsn-work/dict.h5)."),
+    pairs: list[Path] = typer.Option(..., "--pairs", help="make-pairs files of training identities (repeatable): their occlusions choose each pair's FDM."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Output dictionary with the fine-tuned head (default: pdsn-work/dict-ft.h5)."),
+    weights: Optional[str] = WEIGHTS,
+    epochs: int = typer.Option(3, "--epochs"),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    block_threshold: float = typer.Option(0.25, "--block-threshold", help="Block occupancy from which a block counts as occluded."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Seeded sample of at most N pairs per file."),
+    seed: int = typer.Option(0, "--seed"),
+    gpu: Optional[int] = GPU,
+    json_path: Optional[Path] = JSON_OUT,
+    quiet: bool = QUIET,
+):
+    """Fine-tune the trunk head on FDM-masked features (the paper's last stage); writes a dictionary carrying it."""
+    from pdsn_cli.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(dict_path=dict_path or work_dir() / "dict.h5", pairs=list(pairs),
+                         out=default_path(out_path, "dict-ft.h5"), weights=weights, epochs=epochs, lr=lr,
+                         batch_size=batch_size, block_threshold=block_threshold, max_pairs=max_pairs, seed=seed, gpu=gpu)
+    with handled():
+        with Bars(quiet) as bars:
+            res = finetune(cfg, progress=bars.multi())
+        write_json(json_path, res)
+    fmt = lambda d: " / ".join(f"{x:.4f}" for x in d) if d else "n/a"  # noqa: E731
+    out.print(kv_table("finetune", {
+        "output": res["out"], "trunk / mask point": f"{res['trunk']} / {res['mask_point']}",
+        "pairs (held out)": f"{res['pairs']} ({res['held_out_pairs']})",
+        "head parameters": f"{res['head_parameter_count']:,} in {len(res['head_parameters'])} tensors",
+        "held-out 1−cos to clean: masked occluded / masked clean / unmasked, before": fmt(res["held_out_before"]),
+        "after": fmt(res["history"][-1]["held_out"]) if res["history"] else "n/a",
+        "time": f"{res['seconds']} s",
+    }))
+
+
 def results_table(res: dict) -> Table:
     t = Table(title=f"{res['dataset']} — {res['trunk']} @ {res['mask_point']}, {res['pairs']} pairs"
               + (f", PDSN occlusion: {res['occlusion_source']}" if res.get("occlusion_source") else ""),

@@ -153,6 +153,8 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
         raise SchemaError(f"{cfg.input} marks occlusions on a {occ.shape[1]}×{occ.shape[2]} grid, {cfg.dict_path} "
                           f"has a {dictionary.grid}×{dictionary.grid} grid")
     c, h, w = trunk.feature_shape(point)
+    # PDSN-masked features go through the dictionary's fine-tuned head when it has one (pdsn finetune)
+    head_trunk = dictionary.masked_trunk(trunk).to(device) if dictionary is not None else trunk
     tmp = partial_path(cfg.out)
     start = _resume_rows(tmp, trunk.name, point) if cfg.resume and tmp.exists() else 0
     empty_total = 0
@@ -191,7 +193,7 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                     masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
                     empty_total += empty
                     kept = masks.reshape(len(masks), -1).mean(1).astype(np.float32)
-                emb = embed_features(trunk, feats, point, masks, batch_size=max(256, cfg.batch_size), device=device)
+                emb = embed_features(head_trunk, feats, point, masks, batch_size=max(256, cfg.batch_size), device=device)
                 if not np.isfinite(emb).all():
                     raise JobFailed(f"trunk {trunk.name} gives non-finite embeddings (NaN/inf) for images "
                                     f"{sl.start}..{sl.stop - 1}; check --weights")

@@ -7,6 +7,8 @@ block's mean mask by zeroing its lowest fraction τ, and writes one HDF5 file (`
 - ``mean_mask``  float32 K²×C×H×W  mean over the block's training pairs of the min-max scaled masks
 - ``trained``    bool    K²        blocks that had a trained generator (the others keep everything)
 - attrs: trunk, mask_point, template, grid, tau, sources (JSON list of train-block files)
+- ``head/<param>`` (optional, written by ``pdsn finetune``): the trunk head fine-tuned on masked features; PDSN
+  embeddings use it, the baseline keeps the trunk's own head
 
 At test time the FDM of an image is the logical AND of the entries of its occluded blocks (all ones when none).
 """
@@ -39,6 +41,26 @@ class FdmDict:
     template: str
     grid: int
     tau: float
+    #: fine-tuned head parameters (``pdsn finetune``), or None
+    head: dict | None = None
+
+    def masked_trunk(self, trunk):
+        """The trunk PDSN embeddings run through: a copy with the fine-tuned head, or ``trunk`` itself."""
+        if not self.head:
+            return trunk
+        import copy
+
+        import torch
+
+        own = trunk.state_dict()
+        wrong = [k for k, v in self.head.items() if k not in own or tuple(own[k].shape) != v.shape]
+        if wrong:
+            raise SchemaError(f"the dictionary's fine-tuned head does not fit trunk {trunk.name}: {', '.join(wrong[:5])}")
+        out = copy.deepcopy(trunk)
+        with torch.no_grad():
+            for k, v in self.head.items():
+                out.state_dict()[k].copy_(torch.from_numpy(v))
+        return out.eval()
 
     def combine(self, occluded: np.ndarray) -> tuple[np.ndarray, int]:
         """occluded: bool N×K² (or N×K×K) → float32 N×C×H×W masks, and how many images lost every element
@@ -197,6 +219,7 @@ def load(path: str | os.PathLike) -> FdmDict:
             fdm=f["fdm"][()].astype(bool), mean_mask=f["mean_mask"][()], trained=f["trained"][()],
             trunk=str(f.attrs["trunk"]), mask_point=str(f.attrs["mask_point"]), template=str(f.attrs["template"]),
             grid=int(f.attrs["grid"]), tau=float(f.attrs["tau"]),
+            head={k: v[()] for k, v in f["head"].items()} if "head" in f else None,
         )
     if not len(d.fdm) == len(d.mean_mask) == len(d.trained) == d.grid**2:
         raise SchemaError(f"{path} is damaged: {len(d.fdm)} masks for a {d.grid}×{d.grid} grid")

@@ -295,7 +295,9 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
 
     def gallery(mask):
-        return MaskedGallery(store, len(dist_sources), trunk, point, mask, n_syn, cfg.synthetic_model, cfg.seed, device)
+        # masked galleries embed through the dictionary's fine-tuned head when it has one
+        t = trunk if mask is None else models.masked_trunk
+        return MaskedGallery(store, len(dist_sources), t, point, mask, n_syn, cfg.synthetic_model, cfg.seed, device)
 
     rows, cmc_curves, shown = [], {}, {}
     all_idx = np.arange(len(pchips))
@@ -318,8 +320,8 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
                 mask, e = dictionary.masks_for(combo[None], flip=cfg.flip)
                 mask = mask[0]
                 empty += e * len(idx)
-                e_p = embed_features(trunk, f_occ[idx], point, mask, device=device)
-                score_group(tally, probes, idx, e_p, gallery(mask), trunk, point, mask, device)
+                e_p = embed_features(models.masked_trunk, f_occ[idx], point, mask, device=device)
+                score_group(tally, probes, idx, e_p, gallery(mask), models.masked_trunk, point, mask, device)
                 if progress:
                     progress(f"{variant}: PDSN masks", ci + 1, len(combos))
             results["pdsn"] = (tally, {"occlusion_source": cfg.occlusion_source, "distinct_fdms": len(combos),
@@ -468,8 +470,9 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
             for ci, combo in enumerate(combos):
                 sel = p_idx[which == ci]
                 mask = dictionary.masks_for(combo[None], flip=cfg.flip)[0][0]
-                hits += closed_set_ranks(embed_features(trunk, feats[sel], point, mask, device=device),
-                                         embed_features(trunk, feats[g_idx], point, mask, device=device),
+                mt = models.masked_trunk
+                hits += closed_set_ranks(embed_features(mt, feats[sel], point, mask, device=device),
+                                         embed_features(mt, feats[g_idx], point, mask, device=device),
                                          subject[g_idx], subject[sel], cfg.ranks)
             results["pdsn"] = hits
             extra = {"occlusion_source": cfg.occlusion_source, "distinct_fdms": len(combos),

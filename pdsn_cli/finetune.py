@@ -1,0 +1,181 @@
+"""``pdsn finetune``: the paper's last stage — the trunk head fine-tuned on FDM-masked features.
+
+The frozen head never saw features with a quarter or more of their elements zeroed, so it maps them off the
+embedding manifold. Fine-tuning teaches it to embed masked features where the unmasked clean image lands.
+The paper fine-tunes with the identity classification loss; our default trunk (dlib-resnet) has no identity
+head and the training identities outside LFW's pairs mostly have one image, so the target is the frozen
+trunk's own clean embedding instead (cosine distillation): for every (clean, occluded) pair with FDM M,
+
+    (1 − cos(h'(M⊙f_occ), e_clean)) + (1 − cos(h'(M⊙f_clean), e_clean)) + (1 − cos(h'(f_clean), e_clean))
+
+where h' is the head being trained and e_clean = h(f_clean) of the frozen head. The last term keeps unmasked
+features where they were. Only the head (the layers after the mask point) changes; the dictionary's masks do
+not. The output is the dictionary file again, plus the head's weights (group ``head``); ``embed``,
+``benchmark`` use that head for every PDSN-masked embedding, and the original head for the baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pdsn_cli import fdm as fdm_mod
+from pdsn_cli import pairs_h5
+from pdsn_cli.atomic import atomic_output, check_writable
+from pdsn_cli.device import resolve_device
+from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
+from pdsn_cli.features import as_tensor, embed_features, extract_features
+from pdsn_cli.models import build_trunk
+
+
+@dataclass
+class FinetuneConfig:
+    dict_path: Path
+    pairs: list[Path]
+    out: Path
+    weights: str | None = None
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 64
+    block_threshold: float = 0.25
+    max_pairs: int | None = None  # per pairs file, a seeded sample
+    holdout: float = 0.1  # share of pairs held out for the reported distances
+    seed: int = 0
+    gpu: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def head_parameters(trunk, point: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters ``trunk.head`` uses after ``point`` (found by a backward pass, so any trunk works)."""
+    f = torch.zeros(1, *trunk.feature_shape(point), device=next(trunk.parameters()).device, requires_grad=False)
+    params = dict(trunk.named_parameters())
+    for p in params.values():
+        p.grad = None
+        p.requires_grad_(True)
+    trunk.head(f + 1.0, point).sum().backward()
+    used = {n: p for n, p in params.items() if p.grad is not None}
+    for p in params.values():
+        p.grad = None
+        p.requires_grad_(False)
+    return used
+
+
+def _pairs_features(trunk, point, dictionary, cfg, device, progress=None):
+    fc, fo, masks = [], [], []
+    for path in cfg.pairs:
+        p = pairs_h5.read_pairs(path, masks=False)
+        if p.attrs["template"] != trunk.template:
+            raise SchemaError(f"{path} holds {p.attrs['template']} chips, trunk {trunk.name} needs {trunk.template}")
+        if int(p.attrs["grid"]) != dictionary.grid:
+            raise SchemaError(f"{path} marks occlusions on a {p.attrs['grid']}-grid, the dictionary has {dictionary.grid}")
+        sel = np.arange(len(p))
+        if cfg.max_pairs is not None and len(p) > cfg.max_pairs:
+            sel = np.sort(np.random.default_rng(cfg.seed).permutation(len(p))[:cfg.max_pairs])
+        cb = (lambda d, n, name=path.name: progress(f"features {name}", d, 2 * n)) if progress else None
+        fo.append(extract_features(trunk, p.occluded[sel], point, 64, device, progress=cb))
+        cb2 = (lambda d, n, name=path.name: progress(f"features {name}", n + d, 2 * n)) if progress else None
+        fc.append(extract_features(trunk, p.clean[sel], point, 64, device, progress=cb2))
+        m, _ = dictionary.combine(p.blocks[sel] >= cfg.block_threshold)
+        masks.append(m)
+    return np.concatenate(fc), np.concatenate(fo), np.concatenate(masks)
+
+
+def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.gpu)
+    check_writable(cfg.out)
+    if not cfg.pairs:
+        raise BadInputError("give at least one --pairs file (pdsn make-pairs) to fine-tune on")
+    for name, v in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
+        if v < 1:
+            raise BadInputError(f"{name} must be ≥ 1, got {v}")
+    if not cfg.lr > 0:
+        raise BadInputError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.holdout < 1:
+        raise BadInputError(f"--holdout must be in [0, 1), got {cfg.holdout}")
+    if Path(cfg.out).resolve() == Path(cfg.dict_path).resolve():
+        raise BadInputError("--out must be a new file: the input dictionary is kept as it is")
+    dictionary = fdm_mod.load(cfg.dict_path)
+    trunk = build_trunk(dictionary.trunk, cfg.weights).to(device)
+    point = trunk.check_point(dictionary.mask_point)
+    dictionary.check_features(trunk.feature_shape(point), cfg.dict_path)
+    torch.manual_seed(cfg.seed)
+    fc, fo, masks = _pairs_features(trunk, point, dictionary, cfg, device, progress)
+    teacher = F.normalize(torch.from_numpy(embed_features(trunk, fc, point, device=device, normalize=False)), dim=1)
+    # eval mode: batch-norm statistics stay those of the trunk (masked batches would skew them), dropout off;
+    # the BN affine parameters are still trained
+    student = copy.deepcopy(trunk).eval()
+    trained = head_parameters(student, point)
+    for p in trained.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(trained.values(), lr=cfg.lr)
+    FC, FO, M, T = (as_tensor(a, device) for a in (fc, fo, masks, teacher))
+    n = len(FC)
+    held = np.random.default_rng(cfg.seed).random(n) < cfg.holdout
+    tr, ho = np.flatnonzero(~held), np.flatnonzero(held)
+    if len(tr) == 0:
+        raise BadInputError("no pairs left to train on after the hold-out")
+
+    def distances(idx) -> torch.Tensor:
+        """1 − cos to the clean embedding of: masked occluded, masked clean, unmasked clean (each a mean)."""
+        m, t = M[idx], T[idx]
+        outs = [student.head(x, point) for x in (FO[idx] * m, FC[idx] * m, FC[idx])]
+        return torch.stack([(1 - (F.normalize(o, dim=1) * t).sum(1)).mean() for o in outs])
+
+    @torch.no_grad()
+    def held_out() -> list[float]:
+        if len(ho) == 0:
+            return []
+        d = sum(distances(ho[a:a + 256]) * len(ho[a:a + 256]) for a in range(0, len(ho), 256)) / len(ho)
+        return [round(float(x), 5) for x in d]
+
+    before = held_out()
+    history = []
+    steps = int(np.ceil(len(tr) / cfg.batch_size))
+    for epoch in range(cfg.epochs):
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(tr)
+        total = torch.zeros(3, device=device)
+        for s in range(steps):
+            d = distances(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+            opt.zero_grad(set_to_none=True)
+            d.sum().backward()
+            opt.step()
+            total += d.detach()
+            if progress:
+                progress("fine-tune", epoch * steps + s + 1, cfg.epochs * steps)
+        train_d = (total / steps).tolist()
+        if not np.isfinite(train_d).all():
+            raise JobFailed(f"the fine-tuning loss became non-finite in epoch {epoch + 1}; lower --lr")
+        history.append({"epoch": epoch + 1, "train": [round(x, 5) for x in train_d], "held_out": held_out()})
+        if log:
+            log(history[-1])
+    state = {k: v.detach().float().cpu().numpy() for k, v in student.state_dict().items()
+             if k in trained}
+    with atomic_output(cfg.out) as tmp:
+        shutil.copyfile(cfg.dict_path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            if "head" in f:
+                del f["head"]
+            g = f.create_group("head")
+            for k, v in state.items():
+                g.create_dataset(k, data=v)
+            g.attrs.update(pairs=str([str(p) for p in cfg.pairs]), epochs=cfg.epochs, lr=cfg.lr,
+                           batch_size=cfg.batch_size, seed=cfg.seed, trunk_weights=str(cfg.weights or ""),
+                           objective="cosine distillation to the frozen clean embedding")
+    fdm_mod.load(cfg.out)  # refuse to leave behind a file that does not load
+    return {
+        "out": str(cfg.out), "dictionary": str(cfg.dict_path), "trunk": trunk.name, "mask_point": point,
+        "pairs": int(n), "held_out_pairs": int(len(ho)), "head_parameters": sorted(state),
+        "head_parameter_count": int(sum(v.size for v in state.values())), "epochs": cfg.epochs,
+        "held_out_before": before, "history": history,
+        "distance_names": ["masked occluded", "masked clean", "unmasked clean"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

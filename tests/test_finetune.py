@@ -1,0 +1,78 @@
+"""`pdsn finetune`: the head fine-tuned on FDM-masked features, carried by the dictionary, used for PDSN rows only."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pdsn_cli import fdm
+from pdsn_cli.benchmark import BenchmarkConfig, run_benchmark
+from pdsn_cli.errors import BadInputError, SchemaError
+from pdsn_cli.finetune import FinetuneConfig, finetune, head_parameters
+from pdsn_cli.models import build_trunk
+
+
+@pytest.fixture(scope="module")
+def tuned(fdm_dict, block_pairs, tiny_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "dict-ft.h5"
+    res = finetune(FinetuneConfig(dict_path=fdm_dict, pairs=[block_pairs], out=out, weights=tiny_weights,
+                                  epochs=4, lr=1e-3, batch_size=16, holdout=0.2))
+    return out, res
+
+
+def test_head_parameters_are_those_after_the_mask_point(tiny_weights):
+    trunk = build_trunk("tiny", tiny_weights)
+    point = trunk.default_mask_point
+    names = set(head_parameters(trunk, point))
+    assert names and not any(p.requires_grad for p in trunk.parameters())
+    # changing a non-head parameter does not change the head's output
+    f = torch.randn(2, *trunk.feature_shape(point))
+    before = trunk.head(f, point)
+    with torch.no_grad():
+        for n, p in trunk.named_parameters():
+            if n not in names:
+                p.add_(1.0)
+    assert torch.equal(before, trunk.head(f, point))
+
+
+def test_finetune_brings_masked_embeddings_to_the_clean_ones(tuned, fdm_dict):
+    out, res = tuned
+    d0, d1 = res["held_out_before"], res["history"][-1]["held_out"]
+    assert res["held_out_pairs"] > 0 and len(res["history"]) == 4
+    assert d1[0] < d0[0] and d1[1] < d0[1]  # masked occluded / masked clean closer to the clean embedding
+    d = fdm.load(out)
+    plain = fdm.load(fdm_dict)
+    assert plain.head is None and set(d.head) == set(res["head_parameters"])
+    np.testing.assert_array_equal(d.fdm, plain.fdm)  # the masks themselves are unchanged
+
+
+def test_benchmark_uses_the_tuned_head_for_pdsn_rows_only(tuned, fdm_dict, tiny_weights):
+    common = dict(dataset="synthetic", trunk="tiny", weights=tiny_weights, occlusions=["none", "sunglasses"])
+    a = run_benchmark(BenchmarkConfig(dict_path=fdm_dict, **common))
+    b = run_benchmark(BenchmarkConfig(dict_path=tuned[0], **common))
+    assert b["finetuned_head"] and not a["finetuned_head"]
+    rows = lambda r, m: [(x["occlusion"], x["auc"]) for x in r["results"] if x["method"] == m]  # noqa: E731
+    assert rows(a, "baseline") == rows(b, "baseline")
+    assert rows(a, "pdsn") != rows(b, "pdsn")
+
+
+def test_finetune_refuses_bad_arguments(fdm_dict, block_pairs, tiny_weights, tmp_path):
+    base = dict(dict_path=fdm_dict, pairs=[block_pairs], weights=tiny_weights)
+    with pytest.raises(BadInputError, match="new file"):
+        finetune(FinetuneConfig(out=fdm_dict, **base))
+    with pytest.raises(BadInputError, match="--pairs"):
+        finetune(FinetuneConfig(out=tmp_path / "x.h5", **{**base, "pairs": []}))
+    with pytest.raises(BadInputError, match="--lr"):
+        finetune(FinetuneConfig(out=tmp_path / "x.h5", lr=0, **base))
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_head_that_does_not_fit_the_trunk_is_refused(tuned, tmp_path, tiny_weights):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(tuned[0].read_bytes())
+    with h5py.File(bad, "r+") as f:
+        name = next(iter(f["head"]))
+        del f["head"][name]
+        f["head"].create_dataset(name, data=np.zeros((3, 3), np.float32))
+    with pytest.raises(SchemaError, match="does not fit trunk tiny"):
+        fdm.load(bad).masked_trunk(build_trunk("tiny", tiny_weights))
