@@ -126,3 +126,12 @@ def test_cuda_train_trunk_bf16(tmp_path):
                                        batch_size=16, gpu=0, amp=True))
     assert res["device"] == "cuda:0" and np.isfinite(res["epoch_losses"]).all()
     assert res["epoch_losses"][-1] < res["epoch_losses"][0]
+
+
+@cuda
+def test_cuda_finetune(fdm_dict, block_pairs, tiny_weights, tmp_path):
+    from pdsn_cli.finetune import FinetuneConfig, finetune
+
+    res = finetune(FinetuneConfig(dict_path=fdm_dict, pairs=[block_pairs], out=tmp_path / "ft.h5", weights=tiny_weights,
+                                  epochs=2, lr=1e-3, batch_size=16, holdout=0.2, gpu=0))
+    assert res["history"][-1]["held_out"][0] < res["held_out_before"][0]
