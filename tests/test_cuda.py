@@ -1,7 +1,7 @@
 """The CUDA fast paths (pdsn_cli.accel): bf16 + channels_last + compile agree with the fp32 reference.
 
 The bf16/fp32 agreement of the tiny trunk runs everywhere (CPU autocast); the rest needs a GPU and is skipped
-without one (the suite was run on an H100 with these; see the README's GPU section).
+without one (12 of them passed on an NVIDIA H200 on 2026-11-28; see the README's GPU section).
 """
 
 import numpy as np
