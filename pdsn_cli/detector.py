@@ -46,7 +46,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from pdsn_cli import pairs_h5
 from pdsn_cli.atomic import check_writable
 from pdsn_cli.device import resolve_device, seed_everything
-from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
+from pdsn_cli.errors import BadInputError, JobFailed, SchemaError, check_training_options
 from pdsn_cli.h5util import read_strings
 from pdsn_cli.models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -413,13 +413,8 @@ class OcclusionDetector:
 def validate(cfg: TrainDetectorConfig) -> None:
     if not cfg.pairs:
         raise BadInputError("give at least one pairs file")
-    for name, v in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size), ("width", cfg.width)):
-        if v < 1:
-            raise BadInputError(f"--{name.replace('_', '-')} must be ≥ 1, got {v}")
-    if not cfg.lr > 0:
-        raise BadInputError(f"--lr must be > 0, got {cfg.lr}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise BadInputError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, width=cfg.width, lr=cfg.lr,
+                           val_fraction=cfg.val_fraction)
     if not 0.0 < cfg.threshold < 1.0:
         raise BadInputError(f"--threshold must be in (0, 1), got {cfg.threshold}")
     if len(cfg.input_size) != 2:

@@ -33,3 +33,18 @@ class JobFailed(PdsnError):
     """The job started but could not finish (numerical fault, disk full)."""
 
     exit_code = EXIT_FAILED
+
+
+def check_training_options(**values) -> None:
+    """The usual training knobs, refused in one line before any work: counts ≥ 1 (epochs, batch_size, width),
+    a positive lr, fractions (holdout, val_fraction) in [0, 1). Names are reported as their CLI options."""
+    for name, v in values.items():
+        opt = "--" + name.replace("_", "-")
+        if name == "lr":
+            ok, want = v > 0, "> 0"
+        elif name in ("holdout", "val_fraction"):
+            ok, want = 0.0 <= v < 1.0, "in [0, 1)"
+        else:
+            ok, want = v >= 1, "≥ 1"
+        if not ok:
+            raise BadInputError(f"{opt} must be {want}, got {v}")

@@ -31,7 +31,7 @@ from pdsn_cli import fdm as fdm_mod
 from pdsn_cli import pairs_h5
 from pdsn_cli.atomic import atomic_output, check_writable
 from pdsn_cli.device import resolve_device
-from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
+from pdsn_cli.errors import BadInputError, JobFailed, SchemaError, check_training_options
 from pdsn_cli.features import as_tensor, embed_features, extract_features
 from pdsn_cli.models import build_trunk
 
@@ -94,13 +94,7 @@ def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
     check_writable(cfg.out)
     if not cfg.pairs:
         raise BadInputError("give at least one --pairs file (pdsn make-pairs) to fine-tune on")
-    for name, v in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
-        if v < 1:
-            raise BadInputError(f"{name} must be ≥ 1, got {v}")
-    if not cfg.lr > 0:
-        raise BadInputError(f"--lr must be > 0, got {cfg.lr}")
-    if not 0 <= cfg.holdout < 1:
-        raise BadInputError(f"--holdout must be in [0, 1), got {cfg.holdout}")
+    check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, holdout=cfg.holdout)
     if Path(cfg.out).resolve() == Path(cfg.dict_path).resolve():
         raise BadInputError("--out must be a new file: the input dictionary is kept as it is")
     dictionary = fdm_mod.load(cfg.dict_path)

@@ -92,48 +92,29 @@ def _dlib_photos():
 
 
 @needs_dlib
-def test_dlib150_chip_equals_dlib_get_face_chip():
+@pytest.mark.parametrize("points", [5, 68])
+def test_dlib150_chip_equals_dlib_get_face_chip(points):
+    """Fitted on the 5-point model's landmarks, or on the 68-point model's (dlib's original chip)."""
     import dlib
 
     from pdsn_cli.align import models_dir
 
     detect = dlib.get_frontal_face_detector()
-    sp5 = dlib.shape_predictor(os.path.join(models_dir(), "shape_predictor_5_face_landmarks.dat"))
+    sp = dlib.shape_predictor(os.path.join(models_dir(), f"shape_predictor_{points}_face_landmarks.dat"))
     compared = 0
     for img in _dlib_photos():
         rects = detect(img, 1)
         if not rects:
             continue
-        shape = sp5(img, rects[0])
-        dlib5 = np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], np.float64)
+        shape = sp(img, rects[0])
+        pts = np.array([[shape.part(i).x, shape.part(i).y] for i in range(points)], np.float64)
         ref = np.asarray(dlib.get_face_chip(img, shape, 150, 0.25))
-        ours, _ = align_with_points(img, dlib5, dlib5, "dlib150")
+        if points == 5:
+            ours, _ = align_with_points(img, pts, pts, "dlib150")
+        else:
+            ours, _ = align_with_points(img, pts[[36, 45, 30, 48, 54]], None, "dlib150", dlib68=pts)
         diff = np.abs(ours.astype(int) - ref.astype(int))
-        assert diff.max() <= 1, f"dlib150 chip differs from dlib's by {diff.max()} grey levels"
-        assert diff.mean() < 0.01
-        compared += 1
-    assert compared >= 4, "dlib found too few faces to compare"
-
-
-@needs_dlib
-def test_dlib150_chip_from_68_landmarks_equals_dlib_get_face_chip():
-    import dlib
-
-    from pdsn_cli.align import models_dir
-
-    detect = dlib.get_frontal_face_detector()
-    sp68 = dlib.shape_predictor(os.path.join(models_dir(), "shape_predictor_68_face_landmarks.dat"))
-    compared = 0
-    for img in _dlib_photos():
-        rects = detect(img, 1)
-        if not rects:
-            continue
-        shape = sp68(img, rects[0])
-        dlib68 = np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float64)
-        ref = np.asarray(dlib.get_face_chip(img, shape, 150, 0.25))
-        ours, _ = align_with_points(img, dlib68[[36, 45, 30, 48, 54]], None, "dlib150", dlib68=dlib68)
-        diff = np.abs(ours.astype(int) - ref.astype(int))
-        assert diff.max() <= 1, f"68-point dlib150 chip differs from dlib's by {diff.max()} grey levels"
+        assert diff.max() <= 1, f"dlib150 chip ({points} points) differs from dlib's by {diff.max()} grey levels"
         assert diff.mean() < 0.01
         compared += 1
     assert compared >= 4, "dlib found too few faces to compare"
