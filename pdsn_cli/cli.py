@@ -337,7 +337,7 @@ def finetune_cmd(
     pairs: list[Path] = typer.Option(..., "--pairs", help="make-pairs files of training identities (repeatable): their occlusions choose each pair's FDM."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Output dictionary with the fine-tuned head (default: pdsn-work/dict-ft.h5)."),
     weights: Optional[str] = WEIGHTS,
-    epochs: int = typer.Option(3, "--epochs"),
+    epochs: int = typer.Option(8, "--epochs"),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
     batch_size: int = typer.Option(64, "--batch-size"),
     block_threshold: float = typer.Option(0.25, "--block-threshold", help="Block occupancy from which a block counts as occluded."),
