@@ -44,6 +44,13 @@ def prepare_module(module: torch.nn.Module, device: torch.device, precision: str
     return module
 
 
+def compile_wanted(device: torch.device, compile: str, images: int) -> bool:
+    """Whether ``FastForward`` compiles: only on CUDA, for "on", or for "auto" with ≥ COMPILE_MIN_IMAGES images."""
+    if compile not in COMPILE_MODES:
+        raise BadInputError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+    return device.type == "cuda" and (compile == "on" or (compile == "auto" and images >= COMPILE_MIN_IMAGES))
+
+
 def autocast(device: torch.device, precision: str = "bf16"):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16(device, precision))
 
@@ -57,13 +64,10 @@ class FastForward:
 
     def __init__(self, trunk, device: torch.device, precision: str = "bf16", compile: str = "auto",
                  images: int = 0, batch_size: int = 64, compile_mode: str | None = None):
-        if compile not in COMPILE_MODES:
-            raise BadInputError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.device = device
         self.bf16 = use_bf16(device, precision)
+        self.compiled = compile_wanted(device, compile, images)
         self.trunk = prepare_module(trunk, device, precision) if self.bf16 else trunk.to(device)
-        cuda = device.type == "cuda"
-        self.compiled = cuda and (compile == "on" or (compile == "auto" and images >= COMPILE_MIN_IMAGES))
         self.batch_size = batch_size
         self.compile_mode = compile_mode  # torch.compile's mode (None = default; "reduce-overhead" = CUDA graphs)
         self._fns: dict = {}

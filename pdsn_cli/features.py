@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pdsn_cli.accel import FastForward
+from pdsn_cli.accel import FastForward, compile_wanted, use_bf16
 from pdsn_cli.models.base import Trunk
 
 
@@ -29,9 +29,10 @@ def fast_forward(trunk: Trunk, device: torch.device, precision: str = "bf16", co
                  images: int = 0, batch_size: int = 64) -> FastForward:
     """One FastForward per (trunk, device, settings), kept on the trunk so that a compiled graph is reused."""
     cache = trunk.__dict__.setdefault("_pdsn_fast", {})
-    ff = FastForward(trunk, device, precision, compile, images, batch_size)
-    key = (str(device), ff.bf16, ff.compiled, batch_size)
-    return cache.setdefault(key, ff)
+    key = (str(device), use_bf16(device, precision), compile_wanted(device, compile, images), batch_size)
+    if key not in cache:
+        cache[key] = FastForward(trunk, device, precision, compile, images, batch_size)
+    return cache[key]
 
 
 @torch.no_grad()

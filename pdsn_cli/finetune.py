@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -50,7 +50,6 @@ class FinetuneConfig:
     holdout: float = 0.1  # share of pairs held out for the reported distances
     seed: int = 0
     gpu: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def head_parameters(trunk, point: str) -> dict[str, torch.nn.Parameter]:

@@ -90,7 +90,7 @@ def test_cuda_train_block_bf16_matches_cpu_masks(block_pairs, tiny_weights, tmp_
     from pdsn_cli.pdsn import TrainBlockConfig, load_blocks_file, train_blocks
 
     common = dict(pairs=block_pairs, trunk="tiny", weights=tiny_weights, epochs=2, batch_size=8)
-    cpu = train_blocks(TrainBlockConfig(out=tmp_path / "cpu.pt", **common))
+    train_blocks(TrainBlockConfig(out=tmp_path / "cpu.pt", **common))
     gpu = train_blocks(TrainBlockConfig(out=tmp_path / "gpu.pt", gpu=0, **common))
     assert np.isfinite([h["loss"] for h in gpu["history"]]).all()
     a = load_blocks_file(tmp_path / "cpu.pt")["mean_masks"].numpy()
