@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -250,6 +251,8 @@ PRECISION = typer.Option("bf16", "--precision", help="bf16 (autocast + channels_
     pdsn train-block --block 7 --gpu 0 --pairs pdsn-work/pairs-blocks.h5
 
     pdsn train-block --block all --mask-point level1 --epochs 20 --out runs/blocks.pt
+
+    torchrun --nproc_per_node=4 -m pdsn_cli train-block --block all --gpu 0 --pairs blocks.h5
 """)
 def train_block_cmd(
     block: str = typer.Option("all", "--block", help="Grid block J (0..K²-1) or 'all' (every block in one batched pass)."),
@@ -281,14 +284,19 @@ def train_block_cmd(
     cfg = TrainBlockConfig(pairs=pairs, out=out_path, trunk=trunk, weights=weights, block=block,
                            mask_point=mask_point, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, lam=lam, s=s, m=m,
                            seed=seed, gpu=gpu, resume=resume, precision=precision)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 draws, writes JSON and prints
     with handled(resume_hint=resume_command()):
-        with Bars(quiet) as bars:
+        with Bars(quiet or not rank0) as bars:
             res = train_blocks(cfg, progress=bars.multi())
-        write_json(json_path, res)
+        if rank0:
+            write_json(json_path, res)
+    if not rank0:
+        return
     h = res["history"][-1] if res["history"] else {}
     out.print(kv_table("train-block", {
         "output": res["out"], "trunk / mask point": f"{res['trunk']} / {res['mask_point']} {tuple(res['feature_shape'])}",
         "blocks": "all" if len(res["blocks"]) > 1 else res["blocks"][0], "pairs / identities": f"{res['pairs']} / {res['classes']}",
+        "processes": res["world_size"],
         "epochs / steps": f"{res['epochs']} / {res['steps']}",
         "final loss (CE, L1)": f"{h.get('loss', float('nan')):.4f} ({h.get('ce', float('nan')):.4f}, {h.get('l1', float('nan')):.5f})",
         "time (features, training)": f"{res['feature_seconds']} s, {res['train_seconds']} s",
@@ -342,6 +350,7 @@ def finetune_cmd(
     batch_size: int = typer.Option(64, "--batch-size"),
     block_threshold: float = typer.Option(0.25, "--block-threshold", help="Block occupancy from which a block counts as occluded."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Seeded sample of at most N pairs per file."),
+    identity_weight: float = typer.Option(0.0, "--identity-weight", help="Weight of a CosFace term classifying the masked embeddings among the training identities (0: distillation only)."),
     seed: int = typer.Option(0, "--seed"),
     gpu: Optional[int] = GPU,
     json_path: Optional[Path] = JSON_OUT,
@@ -352,7 +361,8 @@ def finetune_cmd(
 
     cfg = FinetuneConfig(dict_path=dict_path or work_dir() / "dict.h5", pairs=list(pairs),
                          out=default_path(out_path, "dict-ft.h5"), weights=weights, epochs=epochs, lr=lr,
-                         batch_size=batch_size, block_threshold=block_threshold, max_pairs=max_pairs, seed=seed, gpu=gpu)
+                         batch_size=batch_size, block_threshold=block_threshold, max_pairs=max_pairs, seed=seed, gpu=gpu,
+                         identity_weight=identity_weight)
     with handled():
         with Bars(quiet) as bars:
             res = finetune(cfg, progress=bars.multi())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError, check_training_options
 from pdsn_cli.features import as_tensor, embed_features, extract_features
 from pdsn_cli.models import build_trunk
+from pdsn_cli.pdsn import cosface_logits
 
 
 @dataclass
@@ -47,7 +49,11 @@ class FinetuneConfig:
     batch_size: int = 64
     block_threshold: float = 0.25
     max_pairs: int | None = None  # per pairs file, a seeded sample
-    holdout: float = 0.1  # share of pairs held out for the reported distances
+    # weight of a CosFace term (s = 30, m = 0.35) that classifies the masked embeddings among the training
+    # identities, the classes being their frozen clean embeddings: distillation alone only pulls each masked
+    # embedding to its own clean one; this also pushes it away from the nearest other identities
+    identity_weight: float = 0.0
+    holdout: float = 0.1  # share of identities held out for the reported distances
     seed: int = 0
     gpu: int | None = None
 
@@ -67,8 +73,19 @@ def head_parameters(trunk, point: str) -> dict[str, torch.nn.Parameter]:
     return used
 
 
+def holdout_identities(names: list[str], share: float, seed: int) -> np.ndarray:
+    """Which of ``names`` are held out: the identities whose seeded name hashes are lowest (round(share × U) of the
+    U identities, at least one when share > 0, never all), so every pair of an identity — and every pair of one
+    source image — lands on the same side, whatever pairs file it comes from."""
+    uniq = sorted(set(names))
+    k = min(max(round(share * len(uniq)), 1 if share > 0 else 0), len(uniq) - 1)
+    key = seed.to_bytes(8, "little", signed=True)
+    held = set(sorted(uniq, key=lambda n: zlib.crc32(key + n.encode()))[:k])
+    return np.array([n in held for n in names], bool)
+
+
 def _pairs_features(trunk, point, dictionary, cfg, device, progress=None):
-    fc, fo, masks = [], [], []
+    fc, fo, masks, names = [], [], [], []
     for path in cfg.pairs:
         p = pairs_h5.read_pairs(path, masks=False)
         if p.attrs["template"] != trunk.template:
@@ -84,7 +101,8 @@ def _pairs_features(trunk, point, dictionary, cfg, device, progress=None):
         fc.append(extract_features(trunk, p.clean[sel], point, 64, device, progress=cb2))
         m, _ = dictionary.combine(p.blocks[sel] >= cfg.block_threshold)
         masks.append(m)
-    return np.concatenate(fc), np.concatenate(fo), np.concatenate(masks)
+        names += [p.identity[k] for k in p.label[sel]]
+    return np.concatenate(fc), np.concatenate(fo), np.concatenate(masks), names
 
 
 def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
@@ -94,6 +112,8 @@ def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
     if not cfg.pairs:
         raise BadInputError("give at least one --pairs file (pdsn make-pairs) to fine-tune on")
     check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, holdout=cfg.holdout)
+    if not cfg.identity_weight >= 0:
+        raise BadInputError(f"--identity-weight must be ≥ 0, got {cfg.identity_weight}")
     if Path(cfg.out).resolve() == Path(cfg.dict_path).resolve():
         raise BadInputError("--out must be a new file: the input dictionary is kept as it is")
     dictionary = fdm_mod.load(cfg.dict_path)
@@ -101,7 +121,7 @@ def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
     point = trunk.check_point(dictionary.mask_point)
     dictionary.check_features(trunk.feature_shape(point), cfg.dict_path)
     torch.manual_seed(cfg.seed)
-    fc, fo, masks = _pairs_features(trunk, point, dictionary, cfg, device, progress)
+    fc, fo, masks, names = _pairs_features(trunk, point, dictionary, cfg, device, progress)
     teacher = F.normalize(torch.from_numpy(embed_features(trunk, fc, point, device=device, normalize=False)), dim=1)
     # eval mode: batch-norm statistics stay those of the trunk (masked batches would skew them), dropout off;
     # the BN affine parameters are still trained
@@ -112,16 +132,27 @@ def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
     opt = torch.optim.Adam(trained.values(), lr=cfg.lr)
     FC, FO, M, T = (as_tensor(a, device) for a in (fc, fo, masks, teacher))
     n = len(FC)
-    held = np.random.default_rng(cfg.seed).random(n) < cfg.holdout
+    held = holdout_identities(names, cfg.holdout, cfg.seed)
     tr, ho = np.flatnonzero(~held), np.flatnonzero(held)
     if len(tr) == 0:
         raise BadInputError("no pairs left to train on after the hold-out")
 
-    def distances(idx) -> torch.Tensor:
-        """1 − cos to the clean embedding of: masked occluded, masked clean, unmasked clean (each a mean)."""
+    # classes of the identity term: the training identities, each its normalised mean clean embedding
+    ids = {nm: k for k, nm in enumerate(sorted({names[i] for i in tr}))}
+    label = torch.tensor([ids.get(nm, -1) for nm in names], device=device)
+    centres = torch.zeros(len(ids), T.shape[1], device=device).index_add_(0, label[tr], T[tr].float())
+    centres = F.normalize(centres, dim=1)
+
+    def distances(idx, with_identity: bool = False) -> torch.Tensor:
+        """1 − cos to the clean embedding of: masked occluded, masked clean, unmasked clean (each a mean); with
+        ``with_identity`` also the CosFace loss of the two masked embeddings among the training identities."""
         m, t = M[idx], T[idx]
-        outs = [student.head(x, point) for x in (FO[idx] * m, FC[idx] * m, FC[idx])]
-        return torch.stack([(1 - (F.normalize(o, dim=1) * t).sum(1)).mean() for o in outs])
+        outs = [F.normalize(student.head(x, point), dim=1) for x in (FO[idx] * m, FC[idx] * m, FC[idx])]
+        d = [(1 - (o * t).sum(1)).mean() for o in outs]
+        if with_identity:
+            y = label[idx]
+            d.append(sum(F.cross_entropy(cosface_logits(o, centres, y, 30.0, 0.35), y) for o in outs[:2]) / 2)
+        return torch.stack(d)
 
     @torch.no_grad()
     def held_out() -> list[float]:
@@ -131,15 +162,16 @@ def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
         return [round(float(x), 5) for x in d]
 
     before = held_out()
+    use_id = cfg.identity_weight > 0
     history = []
     steps = int(np.ceil(len(tr) / cfg.batch_size))
     for epoch in range(cfg.epochs):
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(tr)
-        total = torch.zeros(3, device=device)
+        total = torch.zeros(4 if use_id else 3, device=device)
         for s in range(steps):
-            d = distances(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+            d = distances(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size], use_id)
             opt.zero_grad(set_to_none=True)
-            d.sum().backward()
+            (d[:3].sum() + (cfg.identity_weight * d[3] if use_id else 0)).backward()
             opt.step()
             total += d.detach()
             if progress:
@@ -162,13 +194,17 @@ def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
                 g.create_dataset(k, data=v)
             g.attrs.update(pairs=str([str(p) for p in cfg.pairs]), epochs=cfg.epochs, lr=cfg.lr,
                            batch_size=cfg.batch_size, seed=cfg.seed, trunk_weights=str(cfg.weights or ""),
-                           objective="cosine distillation to the frozen clean embedding")
+                           identity_weight=cfg.identity_weight,
+                           objective="cosine distillation to the frozen clean embedding"
+                           + (" + CosFace among the training identities" if use_id else ""))
     fdm_mod.load(cfg.out)  # refuse to leave behind a file that does not load
     return {
         "out": str(cfg.out), "dictionary": str(cfg.dict_path), "trunk": trunk.name, "mask_point": point,
-        "pairs": int(n), "held_out_pairs": int(len(ho)), "head_parameters": sorted(state),
+        "pairs": int(n), "held_out_pairs": int(len(ho)), "held_out_identities": len({names[i] for i in ho}), "head_parameters": sorted(state),
         "head_parameter_count": int(sum(v.size for v in state.values())), "epochs": cfg.epochs,
         "held_out_before": before, "history": history,
         "distance_names": ["masked occluded", "masked clean", "unmasked clean"],
+        "train_loss_names": ["masked occluded", "masked clean", "unmasked clean"] + (["identity"] if use_id else []),
+        "identity_weight": cfg.identity_weight,
         "seconds": round(time.perf_counter() - t0, 1),
     }

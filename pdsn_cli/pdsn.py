@@ -29,11 +29,11 @@ from torch import nn
 
 from pdsn_cli import pairs_h5
 from pdsn_cli.atomic import atomic_output, check_writable
-from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
 from pdsn_cli.accel import autocast, check_precision, use_bf16
 from pdsn_cli.features import as_tensor, embed_features, extract_features
 from pdsn_cli.models import build_trunk
+from pdsn_cli.processes import Processes
 
 CKPT_KIND = "pdsn-blocks"
 
@@ -91,9 +91,9 @@ class PairFeatures:
     clean: np.ndarray  # U×C×H×W
     occluded: np.ndarray  # N×C×H×W
     clean_index: np.ndarray  # N → row of ``clean``
-    label: np.ndarray  # N
+    label: np.ndarray  # N, the pairs file's identity index (the same in every shard of a distributed run)
     target: np.ndarray  # N
-    num_classes: int
+    num_classes: int  # identities in the pairs file (not all need be among the rows read)
 
 
 def pair_features(trunk, pairs_path: Path, point: str, device, progress=None, rows=None,
@@ -120,9 +120,7 @@ def pair_features(trunk, pairs_path: Path, point: str, device, progress=None, ro
     fc = extract_features(trunk, p.clean[rows_of_uniq], point, progress=cb, **kw)
     cb2 = (lambda d, n: progress(len(uniq) + d, total)) if progress else None
     fo = extract_features(trunk, p.occluded, point, progress=cb2, **kw)
-    # labels re-indexed densely over the identities present
-    _, label = np.unique(p.label, return_inverse=True)
-    return PairFeatures(fc, fo, clean_index, label.astype(np.int64), p.target.astype(np.int64), int(label.max()) + 1)
+    return PairFeatures(fc, fo, clean_index, p.label.astype(np.int64), p.target.astype(np.int64), len(p.identity))
 
 
 def _fits_on_device(nbytes: int, device) -> bool:
@@ -143,7 +141,7 @@ def cached_pair_features(trunk, weights, pairs_path: Path, point: str, device, r
         return pair_features(trunk, pairs_path, point, device, progress, rows, precision)
     st = Path(pairs_path).stat()
     wst = Path(weights).stat() if weights is not None else None
-    key = hashlib.sha1(repr((str(Path(pairs_path).resolve()), st.st_size, st.st_mtime_ns, trunk.name, str(weights),
+    key = hashlib.sha1(repr(("v2", str(Path(pairs_path).resolve()), st.st_size, st.st_mtime_ns, trunk.name, str(weights),
                              wst and (wst.st_size, wst.st_mtime_ns), point, np.asarray(rows).tobytes())
                             ).encode()).hexdigest()[:16]
     path = default_cache_dir() / "features" / f"{Path(pairs_path).stem}-{trunk.name}-{point}-{key}.npz"
@@ -163,21 +161,40 @@ def cached_pair_features(trunk, weights, pairs_path: Path, point: str, device, r
     return feats
 
 
-def class_weights(trunk, feats: PairFeatures, point: str, device) -> torch.Tensor:
-    """Frozen classifier: normalised mean clean embedding per identity."""
+def class_weights(trunk, feats: PairFeatures, point: str, device, procs: Processes | None = None):
+    """Frozen classifier: normalised mean clean embedding per identity, over the identities present (in any
+    process of a distributed run). Returns the weights and the map file identity → class row (−1: absent)."""
     emb = embed_features(trunk, feats.clean, point, device=device)
     lab = np.zeros(len(feats.clean), np.int64)
     lab[feats.clean_index] = feats.label
-    w = np.zeros((feats.num_classes, emb.shape[1]), np.float32)
+    w = np.zeros((feats.num_classes, emb.shape[1]), np.float64)
     np.add.at(w, lab, emb)
-    w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-    return torch.from_numpy(w).to(device)
+    w = torch.from_numpy(w).to(device)
+    if procs is not None:
+        w = procs.all_sum(w)
+    present = w.abs().sum(1) > 0
+    remap = torch.cumsum(present.long(), 0) - 1
+    remap[~present] = -1
+    w = F.normalize(w[present], dim=1).float()
+    return w, remap
 
 
 def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     """Train the mask generators of the requested blocks; writes one checkpoint with their weights and the
-    mean (min-max scaled) mask of each block over its training pairs (what build-dict binarises)."""
-    device = resolve_device(cfg.gpu)
+    mean (min-max scaled) mask of each block over its training pairs (what build-dict binarises).
+
+    Under ``torchrun`` each process takes the pairs of every WORLD_SIZE-th source image (so no clean image is
+    embedded twice), the generators' gradients are averaged (DDP: an effective batch of WORLD_SIZE × batch per
+    block), the mean masks are summed over all processes, and rank 0 alone writes checkpoints and output."""
+    procs = Processes(cfg.gpu)
+    try:
+        return _train_blocks(cfg, procs, progress if procs.main else None, log if procs.main else None)
+    finally:
+        procs.close()
+
+
+def _train_blocks(cfg: TrainBlockConfig, procs: Processes, progress, log) -> dict:
+    device = procs.device
     check_writable(cfg.out)
     for name, v in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
         if v < 1:
@@ -189,6 +206,7 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     with pairs_h5.open_pairs(cfg.pairs) as f:
         grid = int(f.attrs["grid"])
         targets = f["target"][()]
+        sources = f["source"][()] if procs.distributed else None
     from pdsn_cli.make_pairs import parse_blocks
 
     blocks = parse_blocks(cfg.block, grid)
@@ -204,13 +222,22 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     rows = np.flatnonzero(np.isin(targets, blocks))
+    if procs.distributed:
+        _, src = np.unique(sources[rows], return_inverse=True)
+        rows = rows[src % procs.world == procs.rank]
+        if not len(rows) or any(not (targets[rows] == j).any() for j in blocks):
+            raise BadInputError(f"{cfg.pairs} has too few source images for {procs.world} processes: some "
+                                f"process would get no pairs of a block")
     feats = cached_pair_features(trunk, cfg.weights, cfg.pairs, point, device, rows, _stage(progress, "features"),
                                  cfg.precision)
     t_feat = time.perf_counter() - t0
-    weight = class_weights(trunk, feats, point, device)
+    weight, remap = class_weights(trunk, feats, point, device, procs)
     c, h, w = feats.clean.shape[1:]
     n = len(blocks)
     gen = MaskGenerators(n, c).to(device)
+    model = gen
+    if procs.distributed:
+        model = nn.parallel.DistributedDataParallel(gen, device_ids=[device] if device.type == "cuda" else None)
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr)
     elif cfg.optimizer == "sgd":
@@ -218,11 +245,12 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
     else:
         raise BadInputError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
     block_rows = [np.flatnonzero(feats.target == j) for j in blocks]
-    steps_per_epoch = math.ceil(max(len(r) for r in block_rows) / cfg.batch_size)
+    # every process takes the same number of steps: the longest block shard of any process sets it
+    steps_per_epoch = procs.all_max(math.ceil(max(len(r) for r in block_rows) / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(total * 0.5), int(total * 0.75)], 0.1)
     fc_all, fo_all = as_tensor(feats.clean, device), as_tensor(feats.occluded, device)
-    lab_all = torch.from_numpy(feats.label).to(device)
+    lab_all = remap[torch.from_numpy(feats.label).to(device)]
     cidx_all = torch.from_numpy(feats.clean_index).to(device)
     meta = dict(kind=CKPT_KIND, trunk=cfg.trunk, mask_point=point, grid=grid, template=trunk.template,
                 blocks=blocks, feature_shape=[c, h, w], config={k: str(v) for k, v in asdict(cfg).items()})
@@ -245,7 +273,7 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
             fc = fc_all[cidx_all[it]]
             lab = lab_all[it].reshape(-1)
             with autocast(device, cfg.precision):
-                m = gen((fc - fo).abs())
+                m = model((fc - fo).abs())
                 mc, mo = (m * fc), (m * fo)
                 ec = trunk.head(mc.reshape(-1, c, h, w), point)
                 eo = trunk.head(mo.reshape(-1, c, h, w), point)
@@ -262,7 +290,7 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
             step_stats[step] = torch.stack([loss.detach() / n, ce.detach().mean(), l1.detach().mean()])
             if train_cb:
                 train_cb(epoch * steps_per_epoch + step + 1, total)
-        stats = step_stats.cpu().numpy()
+        stats = (procs.all_sum(step_stats) / procs.world).cpu().numpy()
         bad = np.flatnonzero(~np.isfinite(stats[:, 0]))
         if len(bad):
             kept = (f"the last good checkpoint is kept ({cfg.out.name}.ckpt) — lower --lr and --resume"
@@ -275,16 +303,22 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
                         "ce": float(sums[1] / steps_per_epoch), "l1": float(sums[2] / steps_per_epoch)})
         if log:
             log(history[-1])
-        _save_state(cfg.out.with_name(cfg.out.name + ".ckpt"), gen, opt, sched, epoch + 1, history, meta)
+        if procs.main:
+            _save_state(cfg.out.with_name(cfg.out.name + ".ckpt"), gen, opt, sched, epoch + 1, history, meta)
+        procs.barrier()
     t_train = time.perf_counter() - t1
-    mean_masks, keep = mean_block_masks(gen, feats, blocks, device)
-    payload = dict(meta, generators={k: v.cpu() for k, v in gen.state_dict().items()},
-                   mean_masks=torch.from_numpy(mean_masks), history=history)
-    _torch_save(payload, cfg.out)
-    cfg.out.with_name(cfg.out.name + ".ckpt").unlink(missing_ok=True)
+    procs.share_buffers(gen)  # the generators that are saved are the ones whose masks are averaged
+    mean_masks, keep = mean_block_masks(gen, feats, blocks, device, procs=procs)
+    if procs.main:
+        payload = dict(meta, generators={k: v.cpu() for k, v in gen.state_dict().items()},
+                       mean_masks=torch.from_numpy(mean_masks), history=history)
+        _torch_save(payload, cfg.out)
+        cfg.out.with_name(cfg.out.name + ".ckpt").unlink(missing_ok=True)
+    procs.barrier()
+    pairs = int(procs.all_sum(torch.tensor([len(feats.target)], device=device)).item())
     return {
         "out": str(cfg.out), "trunk": cfg.trunk, "mask_point": point, "feature_shape": [c, h, w],
-        "blocks": blocks, "pairs": int(len(feats.target)), "classes": feats.num_classes,
+        "blocks": blocks, "pairs": pairs, "classes": int(weight.shape[0]), "world_size": procs.world,
         "epochs": cfg.epochs, "steps": total, "history": history,
         "mean_mask_kept_at_0.5": [float(k) for k in keep],
         "feature_seconds": round(t_feat, 2), "train_seconds": round(t_train, 2),
@@ -292,8 +326,10 @@ def train_blocks(cfg: TrainBlockConfig, progress=None, log=None) -> dict:
 
 
 @torch.no_grad()
-def mean_block_masks(gen: MaskGenerators, feats: PairFeatures, blocks: list[int], device, batch: int = 256):
-    """Per block: the mean over its pairs of the min-max scaled masks (n×C×H×W), and the fraction > 0.5.
+def mean_block_masks(gen: MaskGenerators, feats: PairFeatures, blocks: list[int], device, batch: int = 256,
+                     procs: Processes | None = None):
+    """Per block: the mean over its pairs (of every process) of the min-max scaled masks (n×C×H×W), and the
+    fraction > 0.5.
 
     Every generator runs on its own block's pairs in the same step (the grouped convolution keeps them apart);
     blocks with fewer pairs cycle, and the repeats are left out of the mean."""
@@ -313,7 +349,10 @@ def mean_block_masks(gen: MaskGenerators, feats: PairFeatures, blocks: list[int]
         lo, hi = m.min(2, keepdim=True).values, m.max(2, keepdim=True).values
         m = (m - lo) / (hi - lo).clamp_min(1e-12)
         out += (m * valid[..., None]).sum(1).double()
-    out = (out / torch.tensor([len(r) for r in rows], device=device, dtype=torch.float64)[:, None]).cpu().numpy()
+    count = torch.tensor([len(r) for r in rows], device=device, dtype=torch.float64)
+    if procs is not None:
+        out, count = procs.all_sum(out), procs.all_sum(count)
+    out = (out / count[:, None]).cpu().numpy()
     out = out.reshape(len(blocks), c, h, w)
     return out.astype(np.float32), (out > 0.5).mean(axis=(1, 2, 3))
 

@@ -30,17 +30,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
 from pdsn_cli.accel import prepare_module
-from pdsn_cli.device import resolve_device, seed_everything
+from pdsn_cli.device import seed_everything
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
 from pdsn_cli.heads import build_head, head_names
 from pdsn_cli.models import build_trunk, trunk_names
 from pdsn_cli.models.checkpoint import load_checkpoint, save_checkpoint
+from pdsn_cli.processes import Processes
 
 #: on CUDA the host reads the step losses this often (and at every checkpoint and epoch end)
 SYNC_EVERY = 25
@@ -190,58 +190,6 @@ def embed(trunk: nn.Module, images: np.ndarray, device: torch.device, batch: int
     return torch.cat(out) if out else torch.zeros(0)
 
 
-# ----------------------------------------------------------------------------------------- processes
-
-
-class _Processes:
-    """Single process, or one of WORLD_SIZE processes started by torchrun."""
-
-    def __init__(self, gpu: int | None):
-        env = os.environ
-        self.distributed = "RANK" in env and "WORLD_SIZE" in env
-        self.owns_group = False
-        if not self.distributed:
-            self.rank, self.world = 0, 1
-            self.device = resolve_device(gpu)
-            return
-        self.rank, self.world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        if gpu is not None:
-            # under torchrun each process drives the GPU of its local rank; --gpu only says "use CUDA"
-            self.device = resolve_device(int(env.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
-            backend = "nccl"
-        else:
-            self.device = torch.device("cpu")
-            backend = "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend, rank=self.rank, world_size=self.world)
-            self.owns_group = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(t)
-        return t
-
-    def gather(self, obj) -> list:
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 class _StopFlag:
     """SIGINT asks the loop to stop at the next step boundary (checkpoint, then KeyboardInterrupt)."""
 
@@ -334,14 +282,14 @@ def train_trunk(cfg: TrainTrunkConfig, progress: Callable[[dict], None] | None =
     ``{"step", "total", "epoch", "epochs", "loss", "lr"}``. SIGINT stops at the next step boundary after writing a
     checkpoint, then raises KeyboardInterrupt; ``resume=True`` continues from it.
     """
-    procs = _Processes(cfg.gpu)
+    procs = Processes(cfg.gpu)
     try:
         return _train(cfg, procs, progress)
     finally:
         procs.close()
 
 
-def _train(cfg: TrainTrunkConfig, procs: _Processes, progress) -> dict:
+def _train(cfg: TrainTrunkConfig, procs: Processes, progress) -> dict:
     _validate(cfg, procs.world)
     device = procs.device
     out = Path(cfg.out)

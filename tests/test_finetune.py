@@ -76,3 +76,26 @@ def test_a_head_that_does_not_fit_the_trunk_is_refused(tuned, tmp_path, tiny_wei
         f["head"].create_dataset(name, data=np.zeros((3, 3), np.float32))
     with pytest.raises(SchemaError, match="does not fit trunk tiny"):
         fdm.load(bad).masked_trunk(build_trunk("tiny", tiny_weights))
+
+
+def test_holdout_is_by_identity():
+    from pdsn_cli.finetune import holdout_identities
+
+    names = [f"id{k % 7}" for k in range(70)]
+    held = holdout_identities(names, 0.3, seed=0)
+    out = {n for n, h in zip(names, held) if h}
+    assert len(out) == 2 and not out & {n for n, h in zip(names, held) if not h}  # round(0.3 × 7) identities, whole
+    assert (held == holdout_identities(list(reversed(names)), 0.3, seed=0)[::-1]).all()  # order does not matter
+    assert holdout_identities(["a", "b"], 0.01, 0).sum() == 1 and holdout_identities(["a"], 0.5, 0).sum() == 0
+
+
+def test_identity_term_is_trained_and_reported(fdm_dict, block_pairs, tiny_weights, tmp_path):
+    res = finetune(FinetuneConfig(dict_path=fdm_dict, pairs=[block_pairs], out=tmp_path / "ft.h5", weights=tiny_weights,
+                                  epochs=2, lr=1e-3, batch_size=16, holdout=0.25, identity_weight=0.5))
+    assert res["train_loss_names"][-1] == "identity" and all(len(h["train"]) == 4 for h in res["history"])
+    assert res["history"][-1]["train"][3] < res["history"][0]["train"][3]
+    with h5py.File(tmp_path / "ft.h5") as f:
+        assert f["head"].attrs["identity_weight"] == 0.5
+    with pytest.raises(BadInputError, match="identity-weight"):
+        finetune(FinetuneConfig(dict_path=fdm_dict, pairs=[block_pairs], out=tmp_path / "x.h5", weights=tiny_weights,
+                                identity_weight=-1))

@@ -161,3 +161,39 @@ def test_load_blocks_file_refuses_other_files(tmp_path):
     torch.save({"kind": CKPT_KIND, "payload": np.random.default_rng(0)}, code)  # an arbitrary object
     with pytest.raises(SchemaError, match="not a loadable"):
         load_blocks_file(code)
+
+
+def test_train_block_under_torchrun_two_processes(block_pairs, tiny_weights, tmp_path):
+    """DDP on gloo: each process takes half of the 12 source images; the mean masks are summed over both."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pdsn_cli.models import build_trunk
+    from pdsn_cli.pdsn import mean_block_masks, pair_features
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               PDSN_CACHE=str(tmp_path / "cache"))
+    out, js = tmp_path / "ddp.pt", tmp_path / "ddp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pdsn_cli",
+         "train-block", "--trunk", "tiny", "--weights", tiny_weights, "--pairs", str(block_pairs), "--epochs", "2",
+         "--batch-size", "4", "--out", str(out), "--json", str(js), "-q"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("train-block") == 1  # one table, from rank 0
+    res = json.loads(js.read_text())
+    assert res["world_size"] == 2 and res["pairs"] == 300 and res["classes"] == 4
+    assert res["steps"] == 2 * 2  # 6 pairs per block per process, batches of 4, 2 epochs
+    st = load_blocks_file(out)
+    assert not out.with_name(out.name + ".ckpt").exists()
+    gen = MaskGenerators(25, 128)
+    gen.load_state_dict(st["generators"])
+    trunk = build_trunk("tiny", tiny_weights)
+    feats = pair_features(trunk, block_pairs, "stage3", torch.device("cpu"))
+    mean, _ = mean_block_masks(gen, feats, list(range(25)), torch.device("cpu"))
+    # the saved means (summed over the two shards) are the means over all pairs
+    np.testing.assert_allclose(st["mean_masks"].numpy(), mean, atol=1e-5)
