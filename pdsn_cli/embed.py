@@ -30,7 +30,6 @@ from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
 from pdsn_cli.faces import FaceItem, list_identity_folder, printable
 from pdsn_cli.features import embed_features, extract_features
 from pdsn_cli.h5util import STR, append_rows, make_growable, open_for_writing, stamp
-from pdsn_cli.models import build_trunk
 
 KIND = "embeddings"
 SCHEMA = 1
@@ -118,33 +117,18 @@ def _align(root, items, skipped, template, cfg, progress):
 
 
 def embed(cfg: EmbedConfig, progress=None) -> dict:
-    from pdsn_cli import fdm as fdm_mod
-
     t0 = time.perf_counter()
     device = resolve_device(cfg.gpu)
     check_writable(cfg.out)
     if cfg.batch_size < 1:
         raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
-    if cfg.dict_path is not None and not 0 < cfg.block_threshold <= 1:
-        raise BadInputError(f"--block-threshold must be in (0, 1], got {cfg.block_threshold}")
     check_precision(cfg.precision)
-    trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
-    point = trunk.default_mask_point
-    dictionary = detector = None
-    if cfg.dict_path is not None:
-        dictionary = fdm_mod.load(cfg.dict_path)
-        dictionary.check_for(trunk.name, dictionary.mask_point, cfg.dict_path)
-        point = dictionary.mask_point
-        dictionary.check_features(trunk.feature_shape(trunk.check_point(point)), cfg.dict_path)
-        if cfg.occlusion_source == "detector":
-            if cfg.detector is None:
-                raise BadInputError("--dict with --occlusion detector needs --detector FILE (pdsn train-detector)")
-            from pdsn_cli.detector import OcclusionDetector
+    from pdsn_cli.benchmark import load_models
 
-            detector = OcclusionDetector.load(cfg.detector)
-            detector.check_for(trunk.template, dictionary.grid, cfg.detector)
-        elif cfg.occlusion_source != "oracle":
-            raise BadInputError(f"--occlusion must be oracle or detector, got {cfg.occlusion_source!r}")
+    # without a dictionary nothing is masked, so --occlusion is moot
+    models = load_models(cfg.trunk, cfg.weights, cfg.dict_path, cfg.occlusion_source if cfg.dict_path else "oracle",
+                         cfg.detector, device, cfg.block_threshold)
+    trunk, point, dictionary, detector = models.trunk, models.point, models.dictionary, models.detector
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
     chips, occ, rep = _load_input(cfg, trunk.template, stage("align"))
     if dictionary is not None and cfg.occlusion_source == "oracle" and occ is None:
@@ -154,7 +138,7 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                           f"has a {dictionary.grid}×{dictionary.grid} grid")
     c, h, w = trunk.feature_shape(point)
     # PDSN-masked features go through the dictionary's fine-tuned head when it has one (pdsn finetune)
-    head_trunk = dictionary.masked_trunk(trunk).to(device) if dictionary is not None else trunk
+    head_trunk = models.masked_trunk
     tmp = partial_path(cfg.out)
     start = _resume_rows(tmp, trunk.name, point) if cfg.resume and tmp.exists() else 0
     empty_total = 0

@@ -170,9 +170,10 @@ def class_weights(trunk, feats: PairFeatures, point: str, device, procs: Process
     w = np.zeros((feats.num_classes, emb.shape[1]), np.float64)
     np.add.at(w, lab, emb)
     w = torch.from_numpy(w).to(device)
+    count = torch.from_numpy(np.bincount(lab, minlength=feats.num_classes)).to(device)
     if procs is not None:
-        w = procs.all_sum(w)
-    present = w.abs().sum(1) > 0
+        w, count = procs.all_sum(w), procs.all_sum(count)
+    present = count > 0
     remap = torch.cumsum(present.long(), 0) - 1
     remap[~present] = -1
     w = F.normalize(w[present], dim=1).float()
