@@ -373,7 +373,7 @@ def finetune_cmd(
         "pairs (held out)": f"{res['pairs']} ({res['held_out_pairs']})",
         "head parameters": f"{res['head_parameter_count']:,} in {len(res['head_parameters'])} tensors",
         "held-out 1−cos to clean: masked occluded / masked clean / unmasked, before": fmt(res["held_out_before"]),
-        "after": fmt(res["history"][-1]["held_out"]) if res["history"] else "n/a",
+        f"after (head kept: epoch {res['kept_epoch']} of {res['epochs']})": fmt(res["history"][res["kept_epoch"] - 1]["held_out"]),
         "time": f"{res['seconds']} s",
     }))
 

@@ -40,6 +40,10 @@ def test_finetune_brings_masked_embeddings_to_the_clean_ones(tuned, fdm_dict):
     d0, d1 = res["held_out_before"], res["history"][-1]["held_out"]
     assert res["held_out_pairs"] > 0 and len(res["history"]) == 4
     assert d1[0] < d0[0] and d1[1] < d0[1]  # masked occluded / masked clean closer to the clean embedding
+    scores = [sum(h["held_out"][:2]) for h in res["history"]]
+    assert res["kept_epoch"] == 1 + int(np.argmin(scores))  # the head of the best held-out epoch is kept
+    with h5py.File(out) as f:
+        assert f["head"].attrs["kept_epoch"] == res["kept_epoch"]
     d = fdm.load(out)
     plain = fdm.load(fdm_dict)
     assert plain.head is None and set(d.head) == set(res["head_parameters"])
@@ -99,3 +103,18 @@ def test_identity_term_is_trained_and_reported(fdm_dict, block_pairs, tiny_weigh
     with pytest.raises(BadInputError, match="identity-weight"):
         finetune(FinetuneConfig(dict_path=fdm_dict, pairs=[block_pairs], out=tmp_path / "x.h5", weights=tiny_weights,
                                 identity_weight=-1))
+
+
+def test_finetune_command_reports_the_kept_epoch(fdm_dict, block_pairs, tiny_weights, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pdsn_cli.cli import app
+
+    r = CliRunner().invoke(app, ["finetune", "--dict", str(fdm_dict), "--pairs", str(block_pairs), "--weights",
+                                 tiny_weights, "--epochs", "2", "--lr", "1e-3", "--out", str(tmp_path / "ft.h5"),
+                                 "--json", str(tmp_path / "ft.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "ft.json").read_text())
+    assert f"epoch {res['kept_epoch']} of 2" in r.output
