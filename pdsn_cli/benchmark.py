@@ -259,6 +259,11 @@ class BenchmarkConfig(CommonOptions):
     #: of every image are embedded and their embeddings summed, like --flip's views)
     landmarks: str = "5"
     metric: str = "cosine"  # cosine | euclidean (dlib's: distance of the raw, unnormalised embeddings)
+    #: which image of a pair PDSN masks: "both" (the paper's protocol: the occluded image's FDM on both), or
+    #: "occluded" (only the occluded one, through the fine-tuned head, compared with the other image's plain
+    #: embedding: the head was distilled to map masked features to the clean embedding, so the clean image need
+    #: not lose what the FDM discards; an image with no occluded block keeps its plain embedding)
+    fdm_on: str = "both"
     plot: Path | None = None
 
 
@@ -271,6 +276,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         raise BadInputError(f"--metric must be cosine or euclidean, got {cfg.metric!r}")
     if cfg.jitter < 0:
         raise BadInputError(f"--jitter must be ≥ 0, got {cfg.jitter}")
+    if cfg.fdm_on not in ("both", "occluded"):
+        raise BadInputError(f"--fdm-on must be both or occluded, got {cfg.fdm_on!r}")
     if cfg.jitter and cfg.flip:
         raise BadInputError("--jitter already mirrors half of its views; drop --flip")
     if cfg.jitter and cfg.dict_path is not None:
@@ -284,6 +291,9 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         raise BadInputError("--jitter does not combine with --landmarks 5+68; choose one")
     models = cfg.load_models(device)
     trunk, point, dictionary, grid = models.trunk, models.point, models.dictionary, models.grid
+    if cfg.fdm_on == "occluded" and not (dictionary is not None and dictionary.head):
+        raise BadInputError("--fdm-on occluded needs a dictionary with a fine-tuned head (pdsn finetune): the "
+                            "trunk's own head does not map masked features to clean embeddings")
     if cfg.landmarks != "5" and get_template(trunk.template).dst68 is None:
         raise BadInputError(f"--landmarks {cfg.landmarks} needs a dlib template; trunk {trunk.name} uses {trunk.template}")
     variants = parse_occlusions(cfg.occlusions, grid)
@@ -340,7 +350,11 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
             masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
             if cfg.flip and len(sets) > 1:  # one (chip, mirror) mask pair per chip set
                 masks = np.concatenate([masks] * len(sets), axis=1)
-            results["pdsn"] = _scores(models.masked_trunk, f1, f2, point, masks, device, cfg.metric)
+            if cfg.fdm_on == "both":
+                results["pdsn"] = _scores(models.masked_trunk, f1, f2, point, masks, device, cfg.metric)
+            else:
+                results["pdsn"] = _scores_one_side(trunk, models.masked_trunk, f1, f2, point, masks,
+                                                   blocks.reshape(len(blocks), -1).any(1), device, cfg.metric)
             occluded_frac = float(blocks.reshape(len(blocks), -1).mean())
         for method, s in results.items():
             r = summarize(s, vs.same, vs.fold)
@@ -369,6 +383,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         "jitter": cfg.jitter,
         "metric": cfg.metric,
         "landmarks": cfg.landmarks,
+        "fdm_on": cfg.fdm_on if dictionary is not None else None,
         "align": vs.report.as_dict() | {"several_faces": vs.report.several_faces},
         **({"align_68": sets[1].report.as_dict()} if len(sets) > 1 else {}),
         "results": rows,
@@ -385,6 +400,19 @@ def _scores(trunk, f1, f2, point, masks, device, metric: str = "cosine") -> np.n
     e1 = embed_features(trunk, f1, point, masks, device=device, normalize=cos)
     e2 = embed_features(trunk, f2, point, masks, device=device, normalize=cos)
     if not cos and f1.ndim == 5:  # flip sums the views' raw embeddings: compare their means
+        e1, e2 = e1 / f1.shape[1], e2 / f2.shape[1]
+    return pair_scores(e1, e2, metric)
+
+
+def _scores_one_side(trunk, masked_trunk, f1, f2, point, masks, occluded, device, metric: str = "cosine"):
+    """``--fdm-on occluded``: the first image's plain embedding against the second's masked one where it has
+    occluded blocks (its plain one elsewhere)."""
+    cos = metric == "cosine"
+    e1 = embed_features(trunk, f1, point, device=device, normalize=cos)
+    e2 = embed_features(trunk, f2, point, device=device, normalize=cos)
+    if occluded.any():
+        e2[occluded] = embed_features(masked_trunk, f2[occluded], point, masks[occluded], device=device, normalize=cos)
+    if not cos and f1.ndim == 5:
         e1, e2 = e1 / f1.shape[1], e2 / f2.shape[1]
     return pair_scores(e1, e2, metric)
 

@@ -501,6 +501,7 @@ def benchmark_cmd(
     jitter: int = typer.Option(0, "--jitter", help="lfw/synthetic baseline: dlib's num_jitters — mean embedding over N jittered views (N× slower)."),
     metric: str = typer.Option("cosine", "--metric", help="lfw/synthetic: cosine | euclidean (dlib's: distance of the raw embeddings)."),
     landmarks: str = typer.Option("5", "--landmarks", help="lfw, dlib150 chips: fitted on dlib's 5 | 68 landmark model, or 5+68 (both chips' embeddings summed)."),
+    fdm_on: str = typer.Option("both", "--fdm-on", help="lfw/synthetic: both (the paper's protocol: the occluded image's FDM masks both images) | occluded (only the occluded image, through a fine-tuned head, against the other's plain embedding)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the occlusions and jitter (the same images for every method)."),
     gpu: Optional[int] = GPU,
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -520,6 +521,11 @@ def benchmark_cmd(
             from pdsn_cli.errors import BadInputError
 
             raise BadInputError(f"--landmarks {landmarks} is only implemented for --dataset lfw")
+        if fdm_on != "both" and dataset not in ("lfw", "synthetic"):
+            from pdsn_cli.errors import BadInputError
+
+            raise BadInputError("--fdm-on applies to verification (--dataset lfw or synthetic); identification "
+                                "masks the gallery with the probe's FDM")
         if dataset in ("megaface", "megaface-lfw"):
             from pdsn_cli.identification import IdentificationConfig, run_identification
 
@@ -546,7 +552,7 @@ def benchmark_cmd(
                                   weights=weights, dict_path=dict_path, occlusions=occluder or ["none"],
                                   occlusion_source=occlusion, detector=detector, block_threshold=block_threshold,
                                   limit_pairs=limit_pairs, flip=flip, jitter=jitter, metric=metric, seed=seed,
-                                  landmarks=landmarks,
+                                  landmarks=landmarks, fdm_on=fdm_on,
                                   gpu=gpu, batch_size=batch_size,
                                   workers=workers, plot=plot, report=report)
             run, table = run_benchmark, results_table

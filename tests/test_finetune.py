@@ -118,3 +118,20 @@ def test_finetune_command_reports_the_kept_epoch(fdm_dict, block_pairs, tiny_wei
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "ft.json").read_text())
     assert f"epoch {res['kept_epoch']} of 2" in r.output
+
+
+def test_fdm_on_occluded_masks_only_the_occluded_image(tuned, fdm_dict, tiny_weights):
+    common = dict(dataset="synthetic", trunk="tiny", weights=tiny_weights, occlusions=["none", "sunglasses"])
+    both = run_benchmark(BenchmarkConfig(dict_path=tuned[0], **common))
+    one = run_benchmark(BenchmarkConfig(dict_path=tuned[0], fdm_on="occluded", **common))
+    assert both["fdm_on"] == "both" and one["fdm_on"] == "occluded"
+    row = lambda r, m, o: next(x for x in r["results"] if x["method"] == m and x["occlusion"] == o)  # noqa: E731
+    # no occluded block (oracle, clean pairs): the plain embeddings on both sides, i.e. the baseline itself
+    assert row(one, "pdsn", "none")["auc"] == row(one, "baseline", "none")["auc"]
+    assert row(both, "pdsn", "none")["auc"] != row(both, "baseline", "none")["auc"]
+    assert row(one, "pdsn", "sunglasses")["auc"] != row(both, "pdsn", "sunglasses")["auc"]
+    assert row(one, "baseline", "sunglasses") == row(both, "baseline", "sunglasses")
+    with pytest.raises(BadInputError, match="fine-tuned head"):
+        run_benchmark(BenchmarkConfig(dict_path=fdm_dict, fdm_on="occluded", **common))
+    with pytest.raises(BadInputError, match="--fdm-on"):
+        run_benchmark(BenchmarkConfig(dict_path=tuned[0], fdm_on="left", **common))
