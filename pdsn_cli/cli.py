@@ -830,6 +830,7 @@ def pipeline_cmd(
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use at most N training images."),
     epochs: int = typer.Option(10, "--epochs"),
     tau: float = typer.Option(0.25, "--tau"),
+    finetune_epochs: int = typer.Option(3, "--finetune-epochs", help="Epochs of the head fine-tuned on masked features (pdsn finetune); 0 skips that stage."),
     occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="Benchmark occlusions (default: none, sunglasses, scarf, block:12)."),
     limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs"),
     seed: int = typer.Option(0, "--seed"),
@@ -838,12 +839,12 @@ def pipeline_cmd(
     json_path: Optional[Path] = JSON_OUT,
     quiet: bool = QUIET,
 ):
-    """The whole method in one command: make-pairs → train-block (all) → build-dict → benchmark."""
+    """The whole method in one command: make-pairs → train-block (all) → build-dict → finetune → benchmark."""
     from pdsn_cli.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(work=work or work_dir() / "pipeline", data_dir=data_dir, trunk=trunk, weights=weights,
                          mask_point=mask_point, per_image=per_image, train_limit=train_limit, epochs=epochs, tau=tau,
-                         limit_pairs=limit_pairs, seed=seed, workers=workers, gpu=gpu)
+                         finetune_epochs=finetune_epochs, limit_pairs=limit_pairs, seed=seed, workers=workers, gpu=gpu)
     if occluder:
         cfg.occlusions = list(occluder)
     with handled():

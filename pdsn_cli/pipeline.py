@@ -1,4 +1,5 @@
-"""``pdsn pipeline``: the whole method in one command — pairs → all blocks → dictionary → benchmark.
+"""``pdsn pipeline``: the whole method in one command — pairs → all blocks → dictionary → fine-tuned head →
+benchmark.
 
 Built-in default (no ``--data-dir``): synthetic identities for training (seed 0) and a disjoint synthetic
 verification set (seed 1000), the pretrained ``dlib-resnet`` trunk. With ``--data-dir`` pointing at LFW: PDSN is
@@ -16,6 +17,7 @@ from pdsn_cli.benchmark import BenchmarkConfig, run_benchmark
 from pdsn_cli.chips import DataSpec
 from pdsn_cli.errors import BadInputError
 from pdsn_cli.fdm import build
+from pdsn_cli.finetune import FinetuneConfig, finetune
 from pdsn_cli.make_pairs import MakePairsConfig, make_pairs
 from pdsn_cli.pdsn import TrainBlockConfig, train_blocks
 
@@ -35,6 +37,8 @@ class PipelineConfig:
     lr: float = 1e-3
     optimizer: str = "adam"
     tau: float = 0.25
+    #: epochs of ``finetune`` (the head on FDM-masked features of block + random-occluder pairs); 0 skips it
+    finetune_epochs: int = 3
     occlusions: list[str] = field(default_factory=lambda: ["none", "sunglasses", "scarf", "block:12"])
     limit_pairs: int | None = None
     seed: int = 0
@@ -56,6 +60,8 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     for name, v in (("--epochs", cfg.epochs), ("--per-image", cfg.per_image)):
         if v < 1:
             raise BadInputError(f"{name} must be ≥ 1, got {v}")
+    if cfg.finetune_epochs < 0:
+        raise BadInputError(f"--finetune-epochs must be ≥ 0, got {cfg.finetune_epochs}")
     parse_occlusions(cfg.occlusions, 5)
     trunk = build_trunk(cfg.trunk, cfg.weights)
     trunk.check_point(cfg.mask_point)
@@ -77,25 +83,40 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
             tmp.write_text("".join(f"{n}\n" for n in sorted(ids)), encoding="utf-8")
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
     data = DataSpec(cfg.data_dir, cfg.synthetic_identities, cfg.synthetic_images, synthetic_seed=0)
-    say(f"1/4 make-pairs --block all on {data.describe()}")
+    n = 5 if cfg.finetune_epochs else 4
+    say(f"1/{n} make-pairs --block all on {data.describe()}")
     pairs = make_pairs(MakePairsConfig(
         out=cfg.work / "pairs-blocks.h5", data=data, block="all", template=trunk.template,
         per_image=cfg.per_image, identities=identities, limit=cfg.train_limit, seed=cfg.seed, workers=cfg.workers,
     ), progress=stage("pairs"), align_progress=stage("align"))
-    say(f"2/4 train-block --block all ({pairs['pairs_in_file']} pairs, {cfg.epochs} epochs)")
+    say(f"2/{n} train-block --block all ({pairs['pairs_in_file']} pairs, {cfg.epochs} epochs)")
     (cfg.work / "blocks").mkdir(exist_ok=True)
     blocks = train_blocks(TrainBlockConfig(
         pairs=cfg.work / "pairs-blocks.h5", out=cfg.work / "blocks" / "all.pt", trunk=cfg.trunk,
         weights=cfg.weights, block="all", mask_point=cfg.mask_point, epochs=cfg.epochs, lr=cfg.lr,
         optimizer=cfg.optimizer, seed=cfg.seed, gpu=cfg.gpu,
     ), progress=progress)
-    say(f"3/4 build-dict τ={cfg.tau}")
+    say(f"3/{n} build-dict τ={cfg.tau}")
     dictionary = build([cfg.work / "blocks" / "all.pt"], cfg.work / "dict.h5", tau=cfg.tau)
-    say("4/4 benchmark: baseline vs PDSN (oracle occlusion)")
+    dict_path, tuned = cfg.work / "dict.h5", None
+    if cfg.finetune_epochs:
+        # the head learns masked features of block pairs and of random objects (sunglasses, scarves, hands, ...)
+        say(f"4/{n} finetune the head ({cfg.finetune_epochs} epochs) on block and random-occluder pairs")
+        make_pairs(MakePairsConfig(
+            out=cfg.work / "pairs-random.h5", data=data, occluder="random", template=trunk.template,
+            per_image=2 * cfg.per_image, identities=identities, limit=cfg.train_limit, seed=cfg.seed + 1,
+            workers=cfg.workers,
+        ), progress=stage("pairs"), align_progress=stage("align"))
+        tuned = finetune(FinetuneConfig(
+            dict_path=dict_path, pairs=[cfg.work / "pairs-blocks.h5", cfg.work / "pairs-random.h5"],
+            out=cfg.work / "dict-ft.h5", weights=cfg.weights, epochs=cfg.finetune_epochs, seed=cfg.seed, gpu=cfg.gpu,
+        ), progress=progress)
+        dict_path = cfg.work / "dict-ft.h5"
+    say(f"{n}/{n} benchmark: baseline vs PDSN (oracle occlusion)")
     bench = run_benchmark(BenchmarkConfig(
         dataset="lfw" if cfg.data_dir is not None else "synthetic", data_dir=cfg.data_dir, trunk=cfg.trunk,
-        weights=cfg.weights, dict_path=cfg.work / "dict.h5", occlusions=cfg.occlusions,
+        weights=cfg.weights, dict_path=dict_path, occlusions=cfg.occlusions,
         limit_pairs=cfg.limit_pairs, seed=cfg.seed, gpu=cfg.gpu, workers=cfg.workers,
     ), progress=progress)
     return {"work": str(cfg.work), "pairs": pairs, "train_block": blocks, "dictionary": dictionary,
-            "benchmark": bench, "seconds": round(time.perf_counter() - t0, 1)}
+            "finetune": tuned, "benchmark": bench, "seconds": round(time.perf_counter() - t0, 1)}

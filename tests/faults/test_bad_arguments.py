@@ -109,6 +109,7 @@ CASES = [
     ("pipeline", ["--gpu", "1"], GPU),
     ("pipeline", ["--occluder", "umbrella"], "unknown occlusion 'umbrella'"),
     ("pipeline", ["--epochs", "0"], "--epochs must be ≥ 1"),
+    ("pipeline", ["--finetune-epochs", "-1"], "--finetune-epochs must be ≥ 0"),
     ("pipeline", ["--json", "{tmp}/somefile/r.json"], UNDER_FILE),
     ("pipeline", ["--work", "{tmp}/somefile/pipe"], "cannot create --work {tmp}/somefile/pipe"),
     ("pipeline", ["--mask-point", "stage9"], "no mask point 'stage9'"),
