@@ -344,17 +344,22 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
             results = {"baseline": pair_scores(f1, f2, cfg.metric)}
         else:
             f2 = feats[vs.i2] if variant == "none" else views([c for c, _ in occ_sets])
-            results = {"baseline": _scores(trunk, f1, f2, point, None, device, cfg.metric)}
+            plain = [_embed(trunk, f, point, None, device, cfg.metric) for f in (f1, f2)]
+            results = {"baseline": pair_scores(*plain, cfg.metric)}
         if dictionary is not None:
             blocks = models.occluded_blocks(occ_chips, occ, cfg.block_threshold)
             masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
             if cfg.flip and len(sets) > 1:  # one (chip, mirror) mask pair per chip set
                 masks = np.concatenate([masks] * len(sets), axis=1)
             if cfg.fdm_on == "both":
-                results["pdsn"] = _scores(models.masked_trunk, f1, f2, point, masks, device, cfg.metric)
-            else:
-                results["pdsn"] = _scores_one_side(trunk, models.masked_trunk, f1, f2, point, masks,
-                                                   blocks.reshape(len(blocks), -1).any(1), device, cfg.metric)
+                results["pdsn"] = pair_scores(*[_embed(models.masked_trunk, f, point, masks, device, cfg.metric)
+                                                for f in (f1, f2)], cfg.metric)
+            else:  # the first image's plain embedding against the second's masked one where it has occluded blocks
+                e2 = plain[1].copy()
+                hit = blocks.reshape(len(blocks), -1).any(1)
+                if hit.any():
+                    e2[hit] = _embed(models.masked_trunk, f2[hit], point, masks[hit], device, cfg.metric)
+                results["pdsn"] = pair_scores(plain[0], e2, cfg.metric)
             occluded_frac = float(blocks.reshape(len(blocks), -1).mean())
         for method, s in results.items():
             r = summarize(s, vs.same, vs.fold)
@@ -395,26 +400,13 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
 LANDMARK_SETS = {"5": [5], "68": [68], "5+68": [5, 68]}
 
 
-def _scores(trunk, f1, f2, point, masks, device, metric: str = "cosine") -> np.ndarray:
+def _embed(trunk, f, point, masks, device, metric: str = "cosine") -> np.ndarray:
+    """Embeddings of features ``f`` (optionally FDM-masked) as ``metric`` compares them."""
     cos = metric == "cosine"
-    e1 = embed_features(trunk, f1, point, masks, device=device, normalize=cos)
-    e2 = embed_features(trunk, f2, point, masks, device=device, normalize=cos)
-    if not cos and f1.ndim == 5:  # flip sums the views' raw embeddings: compare their means
-        e1, e2 = e1 / f1.shape[1], e2 / f2.shape[1]
-    return pair_scores(e1, e2, metric)
-
-
-def _scores_one_side(trunk, masked_trunk, f1, f2, point, masks, occluded, device, metric: str = "cosine"):
-    """``--fdm-on occluded``: the first image's plain embedding against the second's masked one where it has
-    occluded blocks (its plain one elsewhere)."""
-    cos = metric == "cosine"
-    e1 = embed_features(trunk, f1, point, device=device, normalize=cos)
-    e2 = embed_features(trunk, f2, point, device=device, normalize=cos)
-    if occluded.any():
-        e2[occluded] = embed_features(masked_trunk, f2[occluded], point, masks[occluded], device=device, normalize=cos)
-    if not cos and f1.ndim == 5:
-        e1, e2 = e1 / f1.shape[1], e2 / f2.shape[1]
-    return pair_scores(e1, e2, metric)
+    e = embed_features(trunk, f, point, masks, device=device, normalize=cos)
+    if not cos and f.ndim == 5:  # flip sums the views' raw embeddings: compare their means
+        e = e / f.shape[1]
+    return e
 
 
 def pair_scores(e1: np.ndarray, e2: np.ndarray, metric: str = "cosine") -> np.ndarray:
