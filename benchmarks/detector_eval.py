@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdsn_cli import pairs_h5  # noqa: E402
-from pdsn_cli.chips import DataSpec  # noqa: E402
-from pdsn_cli.detector import OcclusionDetector, TrainDetectorConfig, block_metrics, train_detector  # noqa: E402
-from pdsn_cli.make_pairs import MakePairsConfig, make_pairs  # noqa: E402
+from pdsn_cli.data import pairs_h5  # noqa: E402
+from pdsn_cli.data.chip_cache import DataSpec  # noqa: E402
+from pdsn_cli.pdsn.detector import OcclusionDetector, TrainDetectorConfig, block_metrics, train_detector  # noqa: E402
+from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs  # noqa: E402
 
 def rounded(obj, nd=4):
     if isinstance(obj, float):

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdsn_cli.models.dlib_resnet import build, packaged_weights_path  # noqa: E402
+from pdsn_cli.trunks.dlib_resnet import build, packaged_weights_path  # noqa: E402
 
 LFW = Path(__file__).resolve().parents[2] / "shared/data/lfw"
 

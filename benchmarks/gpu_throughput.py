@@ -92,7 +92,7 @@ def measure(name, fn, batch, iters, flops, extra=None):
 
 def bench_embed(names, batch: int, iters: int) -> None:
     from pdsn_cli.accel import FastForward
-    from pdsn_cli.models import build_trunk
+    from pdsn_cli.trunks import build_trunk
 
     dev = torch.device("cuda")
     for name in names:
@@ -154,7 +154,7 @@ def bench_embed(names, batch: int, iters: int) -> None:
 def write_chips_file(path: Path, n: int, size, classes: int) -> None:
     import h5py
 
-    from pdsn_cli.chips_h5 import ChipsWriter
+    from pdsn_cli.data.chips_h5 import ChipsWriter
 
     pool = chips(min(n, 8192), size, seed=1).numpy()
     with h5py.File(path, "w") as f:
@@ -194,9 +194,9 @@ def bench_e2e(tmp: Path, n: int, batch: int) -> None:
 
 def bench_train_trunk(tmp: Path, batch: int, iters: int, classes: int = 10572) -> None:
     from pdsn_cli.accel import prepare_module
-    from pdsn_cli.heads import build_head
-    from pdsn_cli.models import build_trunk
-    from pdsn_cli.train_trunk import TrainTrunkConfig, _TrainNet, train_trunk
+    from pdsn_cli.train.heads import build_head
+    from pdsn_cli.trunks import build_trunk
+    from pdsn_cli.train.trunk import TrainTrunkConfig, _TrainNet, train_trunk
 
     dev = torch.device("cuda")
     x = chips(batch, (112, 96), device=dev)
@@ -252,8 +252,8 @@ def bench_train_trunk(tmp: Path, batch: int, iters: int, classes: int = 10572) -
 def bench_train_block(tmp: Path, per_block: int, epochs: int, batch: int) -> None:
     import h5py
 
-    from pdsn_cli import pairs_h5
-    from pdsn_cli.pdsn import TrainBlockConfig, train_blocks
+    from pdsn_cli.data import pairs_h5
+    from pdsn_cli.train.blocks import TrainBlockConfig, train_blocks
 
     h, w = 112, 96
     path = tmp / "pairs.h5"

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdsn_cli.chips import DataSpec
-from pdsn_cli.make_pairs import MakePairsConfig, make_pairs
+from pdsn_cli.data.chip_cache import DataSpec
+from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
 
 
 def main():

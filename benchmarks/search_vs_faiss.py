@@ -1,4 +1,4 @@
-"""Exact top-k search: ``pdsn_cli.search.topk`` on CPU against faiss ``IndexFlatIP``, same data, same threads,
+"""Exact top-k search: ``pdsn_cli.eval.search.topk`` on CPU against faiss ``IndexFlatIP``, same data, same threads,
 printed as JSON.
 
     python benchmarks/search_vs_faiss.py [--gallery 1000000] [--probes 3500] [--dims 128 512] [--threads 2]
@@ -51,7 +51,7 @@ def make_data(work: Path, n: int, n_probes: int, dim: int, seed: int) -> None:
     others ~0 ± 1/sqrt(D)); probes are noisier views of gallery rows or of identities."""
     import h5py
 
-    from pdsn_cli.h5util import append_rows, make_growable, open_for_writing
+    from pdsn_cli.data.h5util import append_rows, make_growable, open_for_writing
 
     rng = np.random.default_rng(seed)
     centres = unit(rng.standard_normal((IDENTITIES, dim), dtype=np.float32))
@@ -110,7 +110,7 @@ def child(method: str, work: Path, k: int, threads: int) -> dict:
     else:
         import torch
 
-        from pdsn_cli.search import H5Gallery, topk
+        from pdsn_cli.eval.search import H5Gallery, topk
 
         torch.set_num_threads(threads)
     base = _status_kb("VmRSS")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pdsn_cli.fdm import binarize
-from pdsn_cli.pdsn import TrainBlockConfig, load_blocks_file, train_blocks
+from pdsn_cli.pdsn.fdm import binarize
+from pdsn_cli.train.blocks import TrainBlockConfig, load_blocks_file, train_blocks
 
 
 def main():

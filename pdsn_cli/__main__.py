@@ -1,3 +1,3 @@
-from pdsn_cli.cli import main
+from pdsn_cli.cli.app import main
 
 main()

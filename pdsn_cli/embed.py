@@ -21,15 +21,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pdsn_cli import chips_h5, pairs_h5
+from pdsn_cli.data import chips_h5, pairs_h5
 from pdsn_cli.accel import check_precision
 from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps, partial_path
-from pdsn_cli.chips import AlignReport, ChipCache, chips_from_arrays
+from pdsn_cli.data.chip_cache import AlignReport, ChipCache, chips_from_arrays
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
-from pdsn_cli.faces import FaceItem, list_identity_folder, printable
-from pdsn_cli.features import embed_features, extract_features
-from pdsn_cli.h5util import STR, append_rows, make_growable, open_for_writing, stamp
+from pdsn_cli.data.faces import FaceItem, list_identity_folder, printable
+from pdsn_cli.trunks.features import embed_features, extract_features
+from pdsn_cli.data.h5util import STR, append_rows, make_growable, open_for_writing, stamp
 
 KIND = "embeddings"
 SCHEMA = 1
@@ -97,7 +97,7 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        from pdsn_cli.faces import resolve_inside
+        from pdsn_cli.data.faces import resolve_inside
 
         try:
             resolve_inside(Path(root), line)
@@ -123,7 +123,7 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
     if cfg.batch_size < 1:
         raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
     check_precision(cfg.precision)
-    from pdsn_cli.benchmark import load_models
+    from pdsn_cli.eval.benchmark import load_models
 
     # without a dictionary nothing is masked, so --occlusion is moot
     models = load_models(cfg.trunk, cfg.weights, cfg.dict_path, cfg.occlusion_source if cfg.dict_path else "oracle",

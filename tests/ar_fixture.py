@@ -1,9 +1,9 @@
 """A stand-in for the AR face database, written in the layouts users have (tests only: the real one is not
 redistributable). ``from ar_fixture import write_fixture`` in any test (``tests/`` is on the import path).
 
-Each AR subject is one synthetic identity (``pdsn_cli.synthetic``); its image ``k`` (1–26) is that identity's
+Each AR subject is one synthetic identity (``pdsn_cli.data.synthetic``); its image ``k`` (1–26) is that identity's
 synthetic photo ``k-1``, with the AR condition applied: sunglasses (8–10, 21–23) or a scarf (11–13, 24–26)
-drawn by ``pdsn_cli.occluders.occlude`` on the photo's known landmarks, and a side light (5, 6, 7, 9, 10, 12,
+drawn by ``pdsn_cli.occlusion.occluders.occlude`` on the photo's known landmarks, and a side light (5, 6, 7, 9, 10, 12,
 13 and their second-session twins) as a left/right brightness ramp.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pdsn_cli.ar import RAW_HEIGHT, RAW_WIDTH
+from pdsn_cli.data.ar import RAW_HEIGHT, RAW_WIDTH
 
 CROPPED_SIZE = (165, 120)  # H, W of Martínez & Kak's cropped faces
 
@@ -48,7 +48,7 @@ def _light(img: np.ndarray, side: str) -> np.ndarray:
 
 def ar_condition_image(face, index: int, rng: np.random.Generator) -> np.ndarray:
     """A synthetic photo with AR condition ``index`` (1–26) applied."""
-    from pdsn_cli.occluders import occlude
+    from pdsn_cli.occlusion.occluders import occlude
 
     c = (index - 1) % 13 + 1
     img = face.image
@@ -107,7 +107,7 @@ def write_fixture(
     women: ``m-001``, ``m-002``, ``w-001`` …) or the subject names. ``indices``: which of the 26 images to write.
     Deterministic in ``seed``; subject ``j`` of the list is synthetic identity ``j``.
     """
-    from pdsn_cli.synthetic import synthetic_faces
+    from pdsn_cli.data.synthetic import synthetic_faces
 
     if layout not in ("cropped", "original"):
         raise ValueError(f"layout must be 'cropped' or 'original', got {layout!r}")

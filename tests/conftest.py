@@ -40,7 +40,7 @@ def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 95) -> Path:
 def hog_detectable_faces(identities: int, images: int, seed: int = 0) -> dict[str, list]:
     """``images`` synthetic photos for each of ``identities`` identities, keeping only photos dlib's HOG
     detector finds (when dlib is installed): a miss sends alignment to the CNN detector, ~2.5 s per image."""
-    from pdsn_cli.synthetic import synthetic_faces
+    from pdsn_cli.data.synthetic import synthetic_faces
 
     detect = None
     if have_dlib():
@@ -86,7 +86,7 @@ def face_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> str:
     """Weights of a randomly initialised ``tiny`` trunk (seeded), so every build of it is the same network."""
-    from pdsn_cli.models import build_trunk
+    from pdsn_cli.trunks import build_trunk
 
     torch.manual_seed(1234)
     trunk = build_trunk("tiny")
@@ -98,8 +98,8 @@ def tiny_weights(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def block_pairs(tmp_path_factory) -> Path:
     """``make-pairs --block all`` on 4 synthetic identities × 3 images, arc112x96 (the tiny trunk's): 300 pairs."""
-    from pdsn_cli.chips import DataSpec
-    from pdsn_cli.make_pairs import MakePairsConfig, make_pairs
+    from pdsn_cli.data.chip_cache import DataSpec
+    from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
 
     out = tmp_path_factory.mktemp("pairs") / "blocks.h5"
     make_pairs(MakePairsConfig(out=out, data=DataSpec(None, 4, 3), block="all", template="arc112x96"))
@@ -109,7 +109,7 @@ def block_pairs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_blocks(block_pairs, tiny_weights, tmp_path_factory):
     """``train-block --block all`` with the tiny trunk on ``block_pairs``: (checkpoint path, result dict)."""
-    from pdsn_cli.pdsn import TrainBlockConfig, train_blocks
+    from pdsn_cli.train.blocks import TrainBlockConfig, train_blocks
 
     out = tmp_path_factory.mktemp("blocks") / "all.pt"
     res = train_blocks(TrainBlockConfig(pairs=block_pairs, out=out, trunk="tiny", weights=tiny_weights,
@@ -120,7 +120,7 @@ def trained_blocks(block_pairs, tiny_weights, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fdm_dict(trained_blocks, tmp_path_factory) -> Path:
     """``build-dict`` over ``trained_blocks`` (τ = 0.25)."""
-    from pdsn_cli.fdm import build
+    from pdsn_cli.pdsn.fdm import build
 
     out = tmp_path_factory.mktemp("dict") / "dict.h5"
     build([trained_blocks[0]], out, tau=0.25)

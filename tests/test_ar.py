@@ -12,11 +12,11 @@ import pytest
 
 from ar_fixture import file_name, raw_bytes, subject_names, write_fixture
 from conftest import needs_dlib
-from pdsn_cli.ar import (
+from pdsn_cli.data.ar import (
     PROTOCOLS, RAW_BYTES, ArImage, ar_items, image_kind, parse_name, protocol, read_ar_image, read_raw, scan,
 )
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.faces import BadImage, FaceItem, read_image
+from pdsn_cli.data.faces import BadImage, FaceItem, read_image
 
 SUNGLASSES = {8, 9, 10, 21, 22, 23}
 SCARF = {11, 12, 13, 24, 25, 26}
@@ -232,7 +232,7 @@ def test_ar_items(cropped):
 # ---- through the chip cache ----------------------------------------------------------------------------------
 @needs_dlib
 def test_chips_load_through_the_cache(cropped, original, tmp_path):
-    from pdsn_cli.chips import ChipCache
+    from pdsn_cli.data.chip_cache import ChipCache
 
     p = protocol(scan(cropped), 2)
     # the gallery and two sunglasses probes, all found by dlib's HOG detector (a miss costs seconds of CNN)

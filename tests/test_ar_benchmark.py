@@ -9,9 +9,9 @@ import pytest
 from ar_fixture import write_fixture
 from typer.testing import CliRunner
 
-from pdsn_cli.cli import app
+from pdsn_cli.cli.app import app
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.identification import ArConfig, closed_set_ranks, run_ar
+from pdsn_cli.eval.identification import ArConfig, closed_set_ranks, run_ar
 
 
 def test_closed_set_ranks_best_gallery_image_per_subject():

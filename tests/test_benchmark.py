@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import hog_detectable_faces, needs_dlib, write_jpeg
-from pdsn_cli.benchmark import BenchmarkConfig, occlude_second, parse_occlusions, run_benchmark, synthetic_set
+from pdsn_cli.eval.benchmark import BenchmarkConfig, occlude_second, parse_occlusions, run_benchmark, synthetic_set
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.fdm import mirror_blocks
+from pdsn_cli.pdsn.fdm import mirror_blocks
 
 ROW_KEYS = {"method", "occlusion", "accuracy", "std", "tar_at_far_1e-3", "auc"}
 
@@ -136,7 +136,7 @@ def test_lfw_layout_with_dlib_resnet(tmp_path):
 
 @needs_dlib
 def test_lfw_with_68_landmark_chips_and_both(tmp_path):
-    from pdsn_cli.benchmark import lfw_set
+    from pdsn_cli.eval.benchmark import lfw_set
 
     root = write_tiny_lfw(tmp_path / "lfw")
     five = lfw_set(root, None, "dlib150", None, landmarks=5)

@@ -11,7 +11,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from pdsn_cli import __version__
-from pdsn_cli.cli import app
+from pdsn_cli.cli.app import app
 
 runner = CliRunner()
 
@@ -103,7 +103,7 @@ def test_pipeline_through_the_work_folder(tmp_path, monkeypatch, tiny_weights):
 
 
 def test_align_command_writes_chips(tmp_path):
-    from pdsn_cli.chips_h5 import read_chips
+    from pdsn_cli.data.chips_h5 import read_chips
 
     out, js = tmp_path / "chips.h5", tmp_path / "a.json"
     _ok(["align", "--out", str(out), "--template", "arc112x112", "--synthetic-identities", "2", "--synthetic-images",

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pdsn_cli.accel import FastForward
-from pdsn_cli.features import embed_features, extract_features
-from pdsn_cli.models import build_trunk
+from pdsn_cli.trunks.features import embed_features, extract_features
+from pdsn_cli.trunks import build_trunk
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -86,8 +86,8 @@ def test_cuda_compiled_equals_eager(tiny_weights):
 
 @cuda
 def test_cuda_train_block_bf16_matches_cpu_masks(block_pairs, tiny_weights, tmp_path):
-    from pdsn_cli.fdm import binarize
-    from pdsn_cli.pdsn import TrainBlockConfig, load_blocks_file, train_blocks
+    from pdsn_cli.pdsn.fdm import binarize
+    from pdsn_cli.train.blocks import TrainBlockConfig, load_blocks_file, train_blocks
 
     common = dict(pairs=block_pairs, trunk="tiny", weights=tiny_weights, epochs=2, batch_size=8)
     train_blocks(TrainBlockConfig(out=tmp_path / "cpu.pt", **common))
@@ -116,9 +116,9 @@ def test_cuda_embed_matches_cpu(block_pairs, tiny_weights, tmp_path):
 
 @cuda
 def test_cuda_train_trunk_bf16(tmp_path):
-    from pdsn_cli.chips import DataSpec
-    from pdsn_cli.make_pairs import MakePairsConfig, make_pairs
-    from pdsn_cli.train_trunk import TrainTrunkConfig, train_trunk
+    from pdsn_cli.data.chip_cache import DataSpec
+    from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
+    from pdsn_cli.train.trunk import TrainTrunkConfig, train_trunk
 
     data = tmp_path / "pairs.h5"
     make_pairs(MakePairsConfig(out=data, data=DataSpec(None, 12, 6), occluder="sunglasses", template="arc112x96"))
@@ -130,7 +130,7 @@ def test_cuda_train_trunk_bf16(tmp_path):
 
 @cuda
 def test_cuda_finetune(fdm_dict, block_pairs, tiny_weights, tmp_path):
-    from pdsn_cli.finetune import FinetuneConfig, finetune
+    from pdsn_cli.train.finetune import FinetuneConfig, finetune
 
     res = finetune(FinetuneConfig(dict_path=fdm_dict, pairs=[block_pairs], out=tmp_path / "ft.h5", weights=tiny_weights,
                                   epochs=2, lr=1e-3, batch_size=16, holdout=0.2, gpu=0))

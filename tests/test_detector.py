@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pdsn_cli import pairs_h5
-from pdsn_cli.detector import (
+from pdsn_cli.data import pairs_h5
+from pdsn_cli.pdsn.detector import (
     CHECKPOINT_FORMAT,
     DetectorNet,
     OcclusionDetector,
@@ -309,8 +309,8 @@ def test_resize_chips_is_antialiased_and_exact_when_same_size():
 
 def test_trains_on_make_pairs_output(tmp_path):
     """End to end on the lead's make-pairs output (synthetic faces, random occluders)."""
-    from pdsn_cli.chips import DataSpec
-    from pdsn_cli.make_pairs import MakePairsConfig, make_pairs
+    from pdsn_cli.data.chip_cache import DataSpec
+    from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
 
     torch.set_num_threads(1)
     pairs = tmp_path / "pairs.h5"

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pdsn_cli.errors import BadInputError, SchemaError
-from pdsn_cli.models import build_trunk
-from pdsn_cli.models.dlib_format import DlibReader, _read_details, read_net, read_net_file
-from pdsn_cli.models.dlib_resnet import DlibResNet, build, expected_layer_kinds, packaged_weights_path
+from pdsn_cli.trunks import build_trunk
+from pdsn_cli.trunks.dlib_format import DlibReader, _read_details, read_net, read_net_file
+from pdsn_cli.trunks.dlib_resnet import DlibResNet, build, expected_layer_kinds, packaged_weights_path
 
 LFW = Path(__file__).resolve().parents[2] / "shared/data/lfw"
 POINT_SHAPES = {"level3": (64, 17, 17), "level2": (128, 8, 8), "level1": (256, 4, 4), "level0": (256, 2, 2)}

@@ -9,15 +9,15 @@ import pytest
 
 from conftest import assert_same_datasets, needs_dlib
 from pdsn_cli import embed as embed_mod
-from pdsn_cli import pairs_h5
+from pdsn_cli.data import pairs_h5
 from pdsn_cli.atomic import partial_path
-from pdsn_cli.chips import DataSpec, export_chips
-from pdsn_cli.chips_h5 import read_chips
+from pdsn_cli.data.chip_cache import DataSpec, export_chips
+from pdsn_cli.data.chips_h5 import read_chips
 from pdsn_cli.embed import EmbedConfig, embed
 from pdsn_cli.errors import BadInputError, SchemaError
-from pdsn_cli.features import embed_features, extract_features
-from pdsn_cli.h5util import read_strings
-from pdsn_cli.models import build_trunk
+from pdsn_cli.trunks.features import embed_features, extract_features
+from pdsn_cli.data.h5util import read_strings
+from pdsn_cli.trunks import build_trunk
 
 
 def _read(path):

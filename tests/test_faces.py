@@ -12,7 +12,7 @@ import pytest
 
 from conftest import write_jpeg
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.faces import MAX_PIXELS, BadImage, FaceItem, list_identity_folder, read_identity_list, read_image
+from pdsn_cli.data.faces import MAX_PIXELS, BadImage, FaceItem, list_identity_folder, read_identity_list, read_image
 
 
 def _face(h=64, w=48, seed=0) -> np.ndarray:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pdsn_cli import fdm
+from pdsn_cli.pdsn import fdm
 from pdsn_cli.errors import BadInputError, SchemaError
-from pdsn_cli.pdsn import CKPT_KIND, load_blocks_file
+from pdsn_cli.train.blocks import CKPT_KIND, load_blocks_file
 
 SHAPE = (4, 3, 2)
 
@@ -84,7 +84,7 @@ def test_feature_shape_mismatch_refused(tmp_path):
 
 
 def test_missing_blocks_keep_everything(block_pairs, tiny_weights, tmp_path):
-    from pdsn_cli.pdsn import TrainBlockConfig, train_blocks
+    from pdsn_cli.train.blocks import TrainBlockConfig, train_blocks
 
     ckpt = tmp_path / "blocks" / "block07.pt"
     ckpt.parent.mkdir()

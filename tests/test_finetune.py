@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pdsn_cli import fdm
-from pdsn_cli.benchmark import BenchmarkConfig, run_benchmark
+from pdsn_cli.pdsn import fdm
+from pdsn_cli.eval.benchmark import BenchmarkConfig, run_benchmark
 from pdsn_cli.errors import BadInputError, SchemaError
-from pdsn_cli.finetune import FinetuneConfig, finetune, head_parameters
-from pdsn_cli.models import build_trunk
+from pdsn_cli.train.finetune import FinetuneConfig, finetune, head_parameters
+from pdsn_cli.trunks import build_trunk
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_a_head_that_does_not_fit_the_trunk_is_refused(tuned, tmp_path, tiny_wei
 
 
 def test_holdout_is_by_identity():
-    from pdsn_cli.finetune import holdout_identities
+    from pdsn_cli.train.finetune import holdout_identities
 
     names = [f"id{k % 7}" for k in range(70)]
     held = holdout_identities(names, 0.3, seed=0)
@@ -110,7 +110,7 @@ def test_finetune_command_reports_the_kept_epoch(fdm_dict, block_pairs, tiny_wei
 
     from typer.testing import CliRunner
 
-    from pdsn_cli.cli import app
+    from pdsn_cli.cli.app import app
 
     r = CliRunner().invoke(app, ["finetune", "--dict", str(fdm_dict), "--pairs", str(block_pairs), "--weights",
                                  tiny_weights, "--epochs", "2", "--lr", "1e-3", "--out", str(tmp_path / "ft.h5"),

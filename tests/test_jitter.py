@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import needs_dlib
 
-from pdsn_cli.benchmark import BenchmarkConfig, pair_scores, run_benchmark
+from pdsn_cli.eval.benchmark import BenchmarkConfig, pair_scores, run_benchmark
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.jitter import extract_chip, image_rng, jitter_params, jitter_views
-from pdsn_cli.synthetic import synthetic_faces
+from pdsn_cli.pdsn.jitter import extract_chip, image_rng, jitter_params, jitter_views
+from pdsn_cli.data.synthetic import synthetic_faces
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pdsn_cli.errors import BadInputError, SchemaError
-from pdsn_cli.lfw import Pair, identities_outside_pairs, limit_pairs, pair_identities, read_pairs
+from pdsn_cli.data.lfw import Pair, identities_outside_pairs, limit_pairs, pair_identities, read_pairs
 
 LFW = Path("/work/shared/data/lfw")
 PEOPLE = {"Ann_A": 3, "Bob_B": 2, "Cy_C": 1, "Dee_D": 2}

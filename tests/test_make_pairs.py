@@ -18,14 +18,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import assert_same_datasets, needs_dlib
-from pdsn_cli import pairs_h5
-from pdsn_cli.align import get_template
+from pdsn_cli.data import pairs_h5
+from pdsn_cli.align.aligner import get_template
 from pdsn_cli.atomic import interrupt_between_steps, partial_path
-from pdsn_cli.chips import DataSpec
-from pdsn_cli.cli import app
+from pdsn_cli.data.chip_cache import DataSpec
+from pdsn_cli.cli.app import app
 from pdsn_cli.errors import BadInputError, SchemaError
-from pdsn_cli.make_pairs import MakePairsConfig, make_pairs
-from pdsn_cli.occluders import block_occupancy
+from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
+from pdsn_cli.occlusion.occluders import block_occupancy
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdsn_cli import megaface as mf
+from pdsn_cli.data import megaface as mf
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.identification import IdentificationConfig, Tally, run_identification
+from pdsn_cli.eval.identification import IdentificationConfig, Tally, run_identification
 from conftest import hog_detectable_faces, write_jpeg
 
 
@@ -109,8 +109,8 @@ class _FlatTrunk:
 def test_score_group_matches_brute_force():
     import torch
 
-    from pdsn_cli.identification import ProbeSide, score_group
-    from pdsn_cli.search import ArrayGallery
+    from pdsn_cli.eval.identification import ProbeSide, score_group
+    from pdsn_cli.eval.search import ArrayGallery
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(8), rng.integers(2, 6, 8))
@@ -213,7 +213,7 @@ def test_megaface_layout_end_to_end(faces, tiny_weights, fdm_dict, tmp_path):
 def test_cli_megaface_lfw_json_and_report(lfw_like, tiny_weights, fdm_dict, tmp_path):
     from typer.testing import CliRunner
 
-    from pdsn_cli.cli import app
+    from pdsn_cli.cli.app import app
 
     out, rep = tmp_path / "r.json", tmp_path / "report"
     r = CliRunner().invoke(app, ["benchmark", "--dataset", "megaface-lfw", "--data-dir", str(lfw_like), "--trunk",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.occluders import (
+from pdsn_cli.occlusion.occluders import (
     OCCLUDERS,
     SPRITE_KINDS,
     block_bounds,
@@ -19,7 +19,7 @@ from pdsn_cli.occluders import (
     occlude,
     write_assets,
 )
-from pdsn_cli.synthetic import synthetic_faces
+from pdsn_cli.data.synthetic import synthetic_faces
 
 # 5-point templates (left eye, right eye, nose tip, left/right mouth corner) for the chip sizes trunks use
 _ARC = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
-from pdsn_cli.pdsn import CKPT_KIND, MaskGenerators, TrainBlockConfig, cosface_logits, load_blocks_file, train_blocks
+from pdsn_cli.train.blocks import CKPT_KIND, MaskGenerators, TrainBlockConfig, cosface_logits, load_blocks_file, train_blocks
 
 
 def test_mask_generators_shapes_and_range():
@@ -129,8 +129,8 @@ def test_bad_train_block_arguments(change, error, message, block_pairs, tiny_wei
 
 
 def test_pairs_without_block_targets_are_refused(tiny_weights, tmp_path):
-    from pdsn_cli.chips import DataSpec
-    from pdsn_cli.make_pairs import MakePairsConfig, make_pairs
+    from pdsn_cli.data.chip_cache import DataSpec
+    from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
 
     pairs = tmp_path / "sun.h5"
     make_pairs(MakePairsConfig(out=pairs, data=DataSpec(None, 1, 2), occluder="sunglasses", template="arc112x96"))
@@ -171,8 +171,8 @@ def test_train_block_under_torchrun_two_processes(block_pairs, tiny_weights, tmp
     import sys
     from pathlib import Path
 
-    from pdsn_cli.models import build_trunk
-    from pdsn_cli.pdsn import mean_block_masks, pair_features
+    from pdsn_cli.trunks import build_trunk
+    from pdsn_cli.train.blocks import mean_block_masks, pair_features
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",

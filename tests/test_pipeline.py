@@ -5,7 +5,7 @@ import json
 import h5py
 from typer.testing import CliRunner
 
-from pdsn_cli.cli import app
+from pdsn_cli.cli.app import app
 
 
 def test_pipeline_runs_every_stage_and_benchmarks_the_finetuned_head(tmp_path, tiny_weights):

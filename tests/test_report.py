@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.fdm import FdmDict
-from pdsn_cli.report import block_grids, check_report_dir, write_report
-from pdsn_cli.verification import roc_curve
+from pdsn_cli.pdsn.fdm import FdmDict
+from pdsn_cli.report.markdown import block_grids, check_report_dir, write_report
+from pdsn_cli.eval.verification import roc_curve
 
 pytest.importorskip("matplotlib")
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from pdsn_cli import search
+from pdsn_cli.eval import search
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.search import (
+from pdsn_cli.eval.search import (
     ArrayGallery,
     GeneratedGallery,
     H5Gallery,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.synthetic import SyntheticFace, identity_name, synthetic_faces
+from pdsn_cli.data.synthetic import SyntheticFace, identity_name, synthetic_faces
 
 
 def test_deterministic_and_random_access():

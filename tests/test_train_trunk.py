@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from pdsn_cli.chips_h5 import ChipsWriter
+from pdsn_cli.data.chips_h5 import ChipsWriter
 from pdsn_cli.errors import BadInputError, JobFailed
-from pdsn_cli.heads import ArcFace, CosFace, build_head
-from pdsn_cli.models import build_trunk
-from pdsn_cli.models.checkpoint import load_checkpoint
-from pdsn_cli.train_trunk import (
+from pdsn_cli.train.heads import ArcFace, CosFace, build_head
+from pdsn_cli.trunks import build_trunk
+from pdsn_cli.trunks.checkpoint import load_checkpoint
+from pdsn_cli.train.trunk import (
     TrainTrunkConfig,
     lr_at,
     make_pairs,
@@ -196,7 +196,7 @@ def test_refusals(chips, tmp_path):
 
 
 def test_reads_clean_images_of_a_pairs_file_once_per_source(tmp_path):
-    pairs_h5 = pytest.importorskip("pdsn_cli.pairs_h5")
+    pairs_h5 = pytest.importorskip("pdsn_cli.data.pairs_h5")
     images, labels = class_images(6, 4)
     n = len(images)
     path = tmp_path / "pairs.h5"
@@ -220,7 +220,7 @@ DDP_SCRIPT = """
 import json, sys
 import torch
 torch.set_num_threads(1)
-from pdsn_cli.train_trunk import TrainTrunkConfig, train_trunk
+from pdsn_cli.train.trunk import TrainTrunkConfig, train_trunk
 r = train_trunk(TrainTrunkConfig(data=sys.argv[1], out=sys.argv[2], trunk="tiny", epochs=1, batch_size=8,
                                  lr=0.05, holdout=0.25, eval_pairs=40))
 print("RESULT" + json.dumps({k: r[k] for k in ("steps", "world_size", "heldout_accuracy")}), flush=True)

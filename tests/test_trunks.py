@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pdsn_cli.errors import BadInputError, SchemaError
-from pdsn_cli.models import build_trunk
-from pdsn_cli.models.checkpoint import extract_state_dict, load_state_dict_safely, save_checkpoint
-from pdsn_cli.models.iresnet import build_iresnet50, build_iresnet100
-from pdsn_cli.models.lresnet import build as build_lresnet
-from pdsn_cli.models.tiny import build as build_tiny
+from pdsn_cli.trunks import build_trunk
+from pdsn_cli.trunks.checkpoint import extract_state_dict, load_state_dict_safely, save_checkpoint
+from pdsn_cli.trunks.iresnet import build_iresnet50, build_iresnet100
+from pdsn_cli.trunks.lresnet import build as build_lresnet
+from pdsn_cli.trunks.tiny import build as build_tiny
 
 torch.set_num_threads(1)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pdsn_cli.cli import app
+from pdsn_cli.cli.app import app
 
 #: the smallest valid invocation of each command; a case appends options (for a repeated option the last wins)
 BASE = {
@@ -175,7 +175,7 @@ def test_every_command_with_an_output_is_covered():
 
 
 def test_bad_optimizer_is_refused_before_trunk_features_are_computed(paths, monkeypatch):
-    from pdsn_cli import pdsn
+    from pdsn_cli.train import blocks as pdsn
 
     def computed(*a, **k):
         raise AssertionError("trunk features were computed before the arguments were checked")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pdsn_cli.cli import app
+from pdsn_cli.cli.app import app
 
 
 # ---- fixtures: broken and foreign files made from real outputs --------------------------------------------------
@@ -31,7 +31,7 @@ def cut_in_half(src: Path, dst: Path) -> Path:
 
 def detector_file(path: Path, grid: int = 5, template: str = "arc112x96") -> Path:
     """An (untrained, but well-formed) occlusion detector checkpoint."""
-    from pdsn_cli.detector import DetectorNet, OcclusionDetector
+    from pdsn_cli.pdsn.detector import DetectorNet, OcclusionDetector
 
     torch.manual_seed(0)
     OcclusionDetector(DetectorNet(grid, (80, 80), 4), template=template,
@@ -103,7 +103,7 @@ def files(tmp_path_factory, block_pairs, tiny_weights, trained_blocks, fdm_dict)
     assert marker.is_dir()
     marker.rmdir()
     chips = d / "chips.h5"
-    from pdsn_cli.chips import DataSpec, export_chips
+    from pdsn_cli.data.chip_cache import DataSpec, export_chips
 
     export_chips(DataSpec(None, 1, 2), "arc112x96", chips)
     block_ckpt = torch.load(trained_blocks[0], weights_only=True)

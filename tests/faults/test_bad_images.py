@@ -27,8 +27,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import hog_detectable_faces, needs_dlib, write_jpeg
-from pdsn_cli import faces
-from pdsn_cli.cli import app
+from pdsn_cli.data import faces
+from pdsn_cli.cli.app import app
 
 pytestmark = needs_dlib  # real folders are aligned with dlib's detector and landmarks
 
@@ -153,7 +153,7 @@ def check_used(sources: list[str], name: str, images: int) -> None:
 
 
 def test_align_skips_and_lists_bad_images(bad_folder, tmp_path):
-    from pdsn_cli.chips_h5 import read_chips
+    from pdsn_cli.data.chips_h5 import read_chips
 
     root, name, images = bad_folder
     out = tmp_path / "chips.h5"
@@ -177,7 +177,7 @@ def test_embed_skips_and_lists_bad_images(bad_folder, tiny_weights, tmp_path):
 
 
 def test_make_pairs_skips_and_lists_bad_images(bad_folder, tmp_path):
-    from pdsn_cli import pairs_h5
+    from pdsn_cli.data import pairs_h5
 
     root, name, images = bad_folder
     out = tmp_path / "pairs.h5"
@@ -190,7 +190,7 @@ def test_make_pairs_skips_and_lists_bad_images(bad_folder, tmp_path):
 def test_a_second_run_reports_the_same_files_from_the_cache(bad_folder, tmp_path, monkeypatch):
     root, name, images = bad_folder
     run(["align", "--data-dir", root, "--template", "arc112x96", "--out", tmp_path / "a.h5"], tmp_path)
-    from pdsn_cli import chips
+    from pdsn_cli.data import chip_cache as chips
 
     monkeypatch.setattr(chips, "read_image", lambda p: pytest.fail(f"{p} was decoded again"))
     _, res = run(["align", "--data-dir", root, "--template", "arc112x96", "--out", tmp_path / "b.h5"], tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pdsn_cli.cli import app
+from pdsn_cli.cli.app import app
 
 PREVIOUS = b"the output of an earlier run, which a failed run must not touch\n"
 
@@ -45,7 +45,7 @@ SLACK = {"benchmark": 0}
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, block_pairs, tiny_weights, trained_blocks) -> dict:
-    from pdsn_cli.chips import DataSpec, export_chips
+    from pdsn_cli.data.chip_cache import DataSpec, export_chips
 
     chips = tmp_path_factory.mktemp("disk-full") / "chips.h5"
     export_chips(DataSpec(None, 4, 3), "arc112x96", chips)

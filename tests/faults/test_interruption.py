@@ -24,12 +24,12 @@ from typer.testing import CliRunner
 
 from conftest import assert_same_datasets
 from pdsn_cli.atomic import partial_path
-from pdsn_cli.cli import app
+from pdsn_cli.cli.app import app
 
 REPO = Path(__file__).resolve().parents[2]
 #: run in the child before the command line: one thread, plus what a test adds
 PRELUDE = "import torch; torch.set_num_threads(1)\n"
-MAIN = "import sys; sys.argv[0] = 'pdsn'; from pdsn_cli.cli import main; main()\n"
+MAIN = "import sys; sys.argv[0] = 'pdsn'; from pdsn_cli.cli.app import main; main()\n"
 
 
 def start(args: list, prelude: str = "", env: dict | None = None) -> subprocess.Popen:
@@ -77,8 +77,8 @@ def resume_in_process(args: list) -> None:
 #: machine is (epochs of one block take milliseconds)
 PAUSE_AFTER_CHECKPOINTS = """
 import time
-import pdsn_cli.pdsn as _pdsn
-import pdsn_cli.train_trunk as _train_trunk
+import pdsn_cli.train.blocks as _pdsn
+import pdsn_cli.train.trunk as _train_trunk
 def _paused(save):
     def paused(*a, **k):
         out = save(*a, **k)
@@ -98,7 +98,7 @@ def epoch_of(ckpt: Path) -> int:
 
 
 def test_train_block_killed_and_interrupted_resumes_to_the_straight_result(block_pairs, tiny_weights, tmp_path):
-    from pdsn_cli.pdsn import TrainBlockConfig, load_blocks_file, train_blocks
+    from pdsn_cli.train.blocks import TrainBlockConfig, load_blocks_file, train_blocks
 
     epochs = 6
     straight = tmp_path / "straight.pt"
@@ -141,7 +141,7 @@ def step_of(ckpt: Path) -> int:
 
 @pytest.fixture(scope="module")
 def chips(tmp_path_factory) -> Path:
-    from pdsn_cli.chips import DataSpec, export_chips
+    from pdsn_cli.data.chip_cache import DataSpec, export_chips
 
     path = tmp_path_factory.mktemp("interruption") / "chips.h5"
     export_chips(DataSpec(None, 6, 4), "arc112x96", path)  # 16 training images: 4 steps an epoch at batch 4
@@ -149,7 +149,7 @@ def chips(tmp_path_factory) -> Path:
 
 
 def test_train_trunk_killed_and_interrupted_resumes_to_the_straight_result(chips, tmp_path):
-    from pdsn_cli.models.checkpoint import load_checkpoint
+    from pdsn_cli.trunks.checkpoint import load_checkpoint
 
     def args(out):
         return ["train-trunk", "--data", chips, "--trunk", "tiny", "--epochs", 4, "--batch-size", 4, "--lr", 0.05,

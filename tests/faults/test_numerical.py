@@ -22,7 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import h5_datasets
-from pdsn_cli.cli import app
+from pdsn_cli.cli.app import app
 
 
 def invoke(args: list):
@@ -61,7 +61,7 @@ def nan_weights(src: str, dst: Path) -> Path:
 # ---- train-block --------------------------------------------------------------------------------------------------
 def test_train_block_nan_mid_run_keeps_last_epoch_and_resume_matches_a_clean_run(
         block_pairs, tiny_weights, trained_blocks, tmp_path, monkeypatch):
-    from pdsn_cli.pdsn import MaskGenerators, load_blocks_file
+    from pdsn_cli.train.blocks import MaskGenerators, load_blocks_file
 
     out = tmp_path / "all.pt"
     # trained_blocks: --block all, 2 epochs of 2 steps (12 pairs per block, batch 8), the defaults otherwise
@@ -97,7 +97,7 @@ def test_train_block_nan_features_fail_without_claiming_a_checkpoint(block_pairs
 # ---- train-trunk --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chips(tmp_path_factory) -> Path:
-    from pdsn_cli.chips import DataSpec, export_chips
+    from pdsn_cli.data.chip_cache import DataSpec, export_chips
 
     path = tmp_path_factory.mktemp("numerical") / "chips.h5"
     export_chips(DataSpec(None, 6, 4), "arc112x96", path)  # 4 of 6 identities train: 16 images, 4 steps an epoch
@@ -110,8 +110,8 @@ def trunk_args(chips: Path, out: Path) -> list:
 
 
 def test_train_trunk_nan_mid_run_keeps_last_checkpoint_and_resume_matches_a_clean_run(chips, tmp_path, monkeypatch):
-    from pdsn_cli.heads import CosFace
-    from pdsn_cli.models.checkpoint import load_checkpoint
+    from pdsn_cli.train.heads import CosFace
+    from pdsn_cli.trunks.checkpoint import load_checkpoint
 
     assert invoke(trunk_args(chips, tmp_path / "straight")).exit_code == 0
     run = tmp_path / "run"
@@ -128,7 +128,7 @@ def test_train_trunk_nan_mid_run_keeps_last_checkpoint_and_resume_matches_a_clea
 
 
 def test_train_trunk_huge_learning_rate_fails_cleanly(chips, tmp_path):
-    from pdsn_cli.models.checkpoint import load_checkpoint
+    from pdsn_cli.trunks.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
     args = trunk_args(chips, run)
@@ -142,7 +142,7 @@ def test_train_trunk_huge_learning_rate_fails_cleanly(chips, tmp_path):
 
 # ---- train-detector -----------------------------------------------------------------------------------------------
 def test_train_detector_nan_loss_fails_and_leaves_the_previous_detector(block_pairs, tmp_path, monkeypatch):
-    from pdsn_cli.detector import DetectorNet
+    from pdsn_cli.pdsn.detector import DetectorNet
 
     out = tmp_path / "detector.pt"
     out.write_bytes(b"an earlier detector")
@@ -221,7 +221,7 @@ def test_benchmark_counts_pairs_whose_mask_discards_everything(tiny_weights, fdm
 
 
 def test_blank_images_get_finite_unit_embeddings(tiny_weights, tmp_path):
-    from pdsn_cli.chips_h5 import ChipsWriter
+    from pdsn_cli.data.chips_h5 import ChipsWriter
 
     chips = tmp_path / "blank.h5"
     with h5py.File(chips, "w") as f:

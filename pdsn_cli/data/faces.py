@@ -1,0 +1,183 @@
+"""Reading face photos: identity-folder datasets and robust image decoding.
+
+Layout ``root/<identity>/<image>`` (LFW, CASIA-WebFace, ORL, VGGFace). A bad file never crashes a run: it is
+skipped and reported with the reason (zero-byte, truncated, not an image, too small, too large, unreadable).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pdsn_cli.errors import BadInputError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp", ".gif"}
+#: refuse to decode images above this many pixels (a 20000×20000 header would need 1.2 GB)
+MAX_PIXELS = 40_000_000
+#: smaller images hold no usable face
+MIN_SIDE = 16
+
+
+class BadImage(Exception):
+    """A file that cannot be used as a face image; ``str(e)`` is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class FaceItem:
+    path: str  # relative to the data root, '/'-separated, printable (see ``printable``)
+    identity: str
+    #: the relative path on disk when it differs from ``path`` (a non-UTF-8 name, surrogate-escaped)
+    file: str | None = None
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "reason": self.reason}
+
+
+def printable(name: str) -> str:
+    """A file name that survives UTF-8 output and HDF5 (non-UTF-8 bytes shown as \\xNN)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def read_image(path: str | bytes | os.PathLike) -> np.ndarray:
+    """Decode any common image to RGB uint8 H×W×3, or raise BadImage with the reason.
+
+    Pillow reads the header first, so a decompression bomb is refused before any pixel is decoded, and its
+    strict decoder reports truncated files that OpenCV would silently pad with grey.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(os.fsdecode(path))  # bytes paths (non-UTF-8 names) become surrogate-escaped str
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise BadImage(f"cannot stat: {e.strerror or e}") from None
+    if size == 0:
+        raise BadImage("empty file (0 bytes)")
+    if path.suffix.lower() == ".raw":  # the AR face database's header-less frames (no other .raw is decodable)
+        from pdsn_cli.data.ar import RAW_BYTES, read_raw
+
+        if size == RAW_BYTES:
+            return read_raw(path)
+    try:
+        with open(path, "rb") as fh:
+            with Image.open(fh) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise BadImage(f"image too large ({w}×{h} > {MAX_PIXELS:,} pixels)")
+                if min(w, h) < MIN_SIDE:
+                    raise BadImage(f"image too small ({w}×{h})")
+                im.load()
+                arr = _to_rgb8(im)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb refused: {e}") from None
+    except PermissionError:
+        raise BadImage("permission denied") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"corrupt or truncated image: {e}") from None
+    return arr
+
+
+def _to_rgb8(im) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max() if a.size else 1.0
+        a = (a * (255.0 / hi)).round() if hi > 255 else a
+        a = np.clip(a, 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
+        return np.repeat(a.astype(np.uint8)[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        # composite on mid-grey: transparent pixels carry no face
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        rgb = rgba[..., :3] * alpha + 128.0 * (1 - alpha)
+        return rgb.round().astype(np.uint8)
+    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+
+
+def list_identity_folder(root: str | os.PathLike, identities: set[str] | None = None) -> tuple[list[FaceItem], list[Skipped]]:
+    """All candidate images under ``root/<identity>/``, sorted; files that are obviously not images are
+    reported as skipped (content problems are found later, when decoding)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInputError(f"data folder not found: {root}")
+    items: list[FaceItem] = []
+    skipped: list[Skipped] = []
+    try:
+        people = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:
+        raise BadInputError(f"cannot read data folder {root}: {e.strerror}") from None
+    for person in people:
+        try:
+            if not person.is_dir():  # stray files at the top level (pairs.txt, README) are not faces
+                continue
+        except OSError:
+            skipped.append(Skipped(printable(person.name), "unreadable entry"))
+            continue
+        ident = printable(person.name)
+        if identities is not None and ident not in identities:
+            continue
+        try:
+            files = sorted(os.scandir(person.path), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append(Skipped(ident + "/", f"cannot list folder: {e.strerror}"))
+            continue
+        for f in files:
+            rel = f"{ident}/{printable(f.name)}"
+            try:
+                is_file = f.is_file()  # follows symlinks; a loop raises OSError (ELOOP)
+            except OSError as e:
+                skipped.append(Skipped(rel, f"unreadable: {e.strerror}"))
+                continue
+            if not is_file:
+                if f.is_symlink():
+                    skipped.append(Skipped(rel, "broken or looping symlink"))
+                elif Path(f.name).suffix.lower() in IMAGE_EXTENSIONS:  # a FIFO would block the reader forever
+                    skipped.append(Skipped(rel, "not a regular file (a folder, FIFO or device)"))
+                continue
+            if Path(f.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(Skipped(rel, "not an image file extension"))
+                continue
+            disk = f"{person.name}/{f.name}"
+            items.append(FaceItem(rel, ident, None if disk == rel else disk))
+    return items, skipped
+
+
+def read_identity_list(path: str | os.PathLike) -> set[str]:
+    """``--identities FILE``: one identity name per line (blank lines and '#' comments ignored)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise BadInputError(f"cannot read identities file {path}: {e.strerror}") from None
+    names = {printable(line.strip()) for line in text.splitlines() if line.strip() and not line.startswith("#")}
+    if not names:
+        raise BadInputError(f"identities file {path} lists no identity")
+    return names
+
+
+def resolve_inside(root: Path, rel: str) -> Path:
+    """Join a relative path from a protocol file to the data root, refusing anything that escapes it."""
+    if os.path.isabs(rel):
+        raise BadInputError(f"path {rel!r} is absolute; protocol paths must be relative to the data root")
+    root_real = root.resolve()
+    p = (root / rel).resolve()
+    if p != root_real and root_real not in p.parents:
+        raise BadInputError(f"path {rel!r} points outside the data root {root}")
+    return p

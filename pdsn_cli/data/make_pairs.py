@@ -1,0 +1,238 @@
+"""``pdsn make-pairs``: aligned chips → (clean, occluded) pairs in HDF5.
+
+Work is cut into chunks of rows; each row's randomness is seeded by (seed, image, repeat, block), so the
+output does not depend on the number of workers, and an interrupted run resumed with ``--resume`` (or a file
+grown with ``--append``) holds exactly the rows a single uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pdsn_cli.data import pairs_h5
+from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps, partial_path
+from pdsn_cli.data.chip_cache import DataSpec, load_chips
+from pdsn_cli.errors import BadInputError, SchemaError
+from pdsn_cli.data.faces import read_identity_list
+from pdsn_cli.data.h5util import open_for_writing
+
+CHUNK = 256
+
+
+@dataclass
+class MakePairsConfig:
+    out: Path
+    data: DataSpec = field(default_factory=DataSpec)
+    occluder: str | None = None  # an occluder kind; None with block set
+    block: str | None = None  # "all" or an int as text
+    grid: int = 5
+    template: str = "dlib150"
+    per_image: int = 1
+    identities: Path | None = None
+    limit: int | None = None
+    seed: int = 0
+    workers: int = 1
+    append: bool = False
+    resume: bool = False
+    preview: Path | None = None
+    cache_dir: Path | None = None
+
+
+def parse_blocks(block: str | None, grid: int) -> list[int] | None:
+    if block is None:
+        return None
+    if grid < 1 or grid > 16:
+        raise BadInputError(f"--grid must be between 1 and 16, got {grid}")
+    if block == "all":
+        return list(range(grid * grid))
+    try:
+        j = int(block)
+    except ValueError:
+        raise BadInputError(f"--block must be a block index or 'all', got {block!r}") from None
+    if not 0 <= j < grid * grid:
+        raise BadInputError(f"--block {j} is outside the {grid}×{grid} grid (0..{grid * grid - 1})")
+    return [j]
+
+
+def validate(cfg: MakePairsConfig) -> list[tuple[str, int]]:
+    """Check every argument before any work; returns the (kind, block) list each image gets."""
+    from pdsn_cli.align.aligner import get_template
+    from pdsn_cli.occlusion.occluders import OCCLUDERS
+
+    t = get_template(cfg.template)
+    if cfg.grid < 1 or min(t.size) // cfg.grid < 4:
+        raise BadInputError(f"--grid {cfg.grid} does not fit the {t.size[0]}×{t.size[1]} {cfg.template} chip "
+                            f"(blocks would be under 4 px)")
+    if cfg.per_image < 1:
+        raise BadInputError(f"--per-image must be ≥ 1, got {cfg.per_image}")
+    if cfg.workers < 1:
+        raise BadInputError(f"--workers must be ≥ 1, got {cfg.workers}")
+    blocks = parse_blocks(cfg.block, cfg.grid)
+    if blocks is not None and cfg.occluder not in (None, "block"):
+        raise BadInputError("give either --occluder or --block, not both")
+    if blocks is None:
+        kind = cfg.occluder or "random"
+        if kind not in OCCLUDERS:
+            raise BadInputError(f"unknown occluder {kind!r}; choose one of {', '.join(OCCLUDERS)}")
+        if kind == "block":
+            raise BadInputError("--occluder block needs --block J (or --block all)")
+        specs = [(kind, -1)]
+    else:
+        specs = [("block", j) for j in blocks]
+    check_writable(cfg.out)
+    if cfg.append and cfg.resume:
+        raise BadInputError("--append and --resume do not go together")
+    if cfg.append and not cfg.out.exists():
+        raise BadInputError(f"--append: {cfg.out} does not exist")
+    if cfg.append:
+        with pairs_h5.open_pairs(cfg.out) as f:
+            pairs_h5.check_compatible(f, cfg.out, grid=cfg.grid, template=cfg.template, height=t.size[0],
+                                      width=t.size[1])
+    if cfg.preview is not None:
+        check_writable(cfg.preview)
+    return specs
+
+
+# ---- workers: chips are shared by fork (no torch here, so forking is safe) -----------------------------------
+_CHIPS = None
+
+
+def _occlude_rows(args):
+    from pdsn_cli.occlusion.occluders import occlude
+
+    rows, seed, grid = args
+    out = []
+    for img_i, rep, kind, j in rows:
+        rng = np.random.default_rng([seed, img_i, rep, j + 1])
+        occ = occlude(_CHIPS.image[img_i], _CHIPS.landmarks[img_i], kind, rng, grid=grid,
+                      block=None if j < 0 else j)
+        out.append((img_i, occ.image, occ.mask, occ.blocks, occ.kind, j))
+    return out
+
+
+def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict:
+    global _CHIPS
+    specs = validate(cfg)
+    idents = read_identity_list(cfg.identities) if cfg.identities else None
+    t0 = time.perf_counter()
+    chips, rep = load_chips(cfg.data, cfg.template, idents, cfg.limit, cfg.seed, cfg.workers,
+                            cfg.cache_dir, progress=align_progress)
+    t_align = time.perf_counter() - t0
+    _CHIPS = chips
+    jobs = [(i, k, kind, j) for i in range(len(chips)) for k in range(cfg.per_image) for kind, j in specs]
+    attrs = dict(
+        occluder=cfg.occluder or ("block" if cfg.block is not None else "random"),
+        block_spec=str(cfg.block) if cfg.block is not None else "",
+        seed=cfg.seed, per_image=cfg.per_image, synthetic=chips.synthetic,
+        data_root=cfg.data.describe(),
+    )
+    h, w = chips.image.shape[1:3]
+    tmp = partial_path(cfg.out)
+    start = 0
+    if cfg.resume and tmp.exists():
+        start = _resume_point(tmp, cfg, attrs, h, w)
+    elif cfg.append:
+        with pairs_h5.open_pairs(cfg.out) as f:
+            pairs_h5.check_compatible(f, cfg.out, grid=cfg.grid, template=cfg.template, height=h, width=w)
+        shutil.copyfile(cfg.out, tmp)
+        with h5py.File(tmp, "r+") as f:
+            f.attrs["complete"] = False
+    t1 = time.perf_counter()
+    kinds = Counter()
+    # an interrupted append is dropped whole (the original file was never touched): rerunning it is the resume
+    with atomic_output(cfg.out, keep_partial_on_interrupt=not cfg.append) as tmp_out:
+        assert tmp_out == tmp
+        if start == 0 and not cfg.append:
+            with open_for_writing(tmp) as f:
+                pairs_h5.create(f, grid=cfg.grid, template=cfg.template, size=(h, w), **attrs)
+        chunks = [(jobs[a:a + CHUNK], cfg.seed, cfg.grid) for a in range(start, len(jobs), CHUNK)]
+        pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 and len(chunks) > 1 else None
+        results = pool.imap(_occlude_rows, chunks) if pool else map(_occlude_rows, chunks)
+        done = start
+        preview = []
+        try:
+            with interrupt_between_steps() as check_interrupt, open_for_writing(tmp, "r+") as f:
+                for res in results:
+                    idx = [r[0] for r in res]
+                    pairs_h5.append(
+                        f, clean=chips.image[idx], occluded=np.stack([r[1] for r in res]),
+                        mask=np.stack([r[2] for r in res]), blocks=np.stack([r[3] for r in res]),
+                        landmarks=chips.landmarks[idx], identities=[chips.identity[chips.label[i]] for i in idx],
+                        sources=[chips.source[i] for i in idx], kinds=[r[4] for r in res],
+                        targets=[r[5] for r in res],
+                    )
+                    f.flush()
+                    kinds.update(r[4] for r in res)
+                    if len(preview) < 32:
+                        preview += [(chips.image[r[0]], r[1], r[4]) for r in res[: 32 - len(preview)]]
+                    done += len(res)
+                    if progress:
+                        progress(done, len(jobs))
+                    check_interrupt()
+                f.attrs["complete"] = True
+                n_total = int(f["label"].shape[0])
+                n_ids = int(f["identity"].shape[0])
+                mean_occ = float(f["blocks"][start:].mean() * cfg.grid**2) if done > start else 0.0
+        finally:
+            if pool is not None:
+                pool.terminate()
+    secs = time.perf_counter() - t1
+    if cfg.preview is not None and preview:
+        from pdsn_cli.occlusion.occluders import contact_sheet
+
+        imgs, labels = [], []
+        for clean, occ, kind in preview[:16]:
+            imgs += [clean, occ]
+            labels += ["clean", kind]
+        contact_sheet(imgs, str(cfg.preview), cols=8, labels=labels)
+    return {
+        "out": str(cfg.out),
+        "data": cfg.data.describe(),
+        "synthetic": chips.synthetic,
+        "template": cfg.template,
+        "grid": cfg.grid,
+        "occluder": attrs["occluder"],
+        "images": len(chips),
+        "identities": len(chips.identity),
+        "pairs_written": done - start,
+        "pairs_in_file": n_total,
+        "identities_in_file": n_ids,
+        "resumed_from": start,
+        "kinds": dict(kinds),
+        "mean_occluded_fraction": mean_occ / cfg.grid**2,
+        "align": rep.as_dict(),
+        "align_seconds": round(t_align, 3),
+        "pair_seconds": round(secs, 3),
+        "pairs_per_second": round((done - start) / secs, 1) if secs > 0 else None,
+        "preview": str(cfg.preview) if cfg.preview else None,
+    }
+
+
+def _resume_point(tmp: Path, cfg: MakePairsConfig, attrs: dict, h: int, w: int) -> int:
+    try:
+        f = h5py.File(tmp, "r+")
+    except OSError:
+        raise SchemaError(f"{tmp} is damaged and cannot be resumed; delete it and start again") from None
+    with f:
+        if f.attrs.get("pdsn_kind") != pairs_h5.KIND:
+            raise SchemaError(f"{tmp} is not a pdsn pairs file; delete it and start again")
+        pairs_h5.check_compatible(f, tmp, grid=cfg.grid, template=cfg.template, height=h, width=w)
+        for k in ("occluder", "seed", "per_image", "block_spec"):
+            if f.attrs.get(k) != attrs[k]:
+                raise SchemaError(f"{tmp} was started with {k}={f.attrs.get(k)!r}, now {attrs[k]!r}; "
+                                  f"use the same options to resume, or delete it")
+        # rows are written whole chunks at a time, but a kill can land between datasets: keep what all agree on
+        names = ["clean", "occluded", "mask", "blocks", "landmarks", "label", "source", "kind", "target"]
+        n = min(f[d].shape[0] for d in names)
+        n -= n % CHUNK
+        for d in names:
+            f[d].resize(n, axis=0)
+        return n
