@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pdsn_cli.data import pairs_h5  # noqa: E402
 from pdsn_cli.data.chip_cache import DataSpec  # noqa: E402
-from pdsn_cli.pdsn.detector import OcclusionDetector, TrainDetectorConfig, block_metrics, train_detector  # noqa: E402
+from pdsn_cli.pdsn.detector import OcclusionDetector  # noqa: E402
+from pdsn_cli.train.detector import TrainDetectorConfig, block_metrics, train_detector  # noqa: E402
 from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs  # noqa: E402
 
 def rounded(obj, nd=4):

@@ -21,15 +21,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pdsn_cli.data import chips_h5, pairs_h5
 from pdsn_cli.accel import check_precision
-from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps, partial_path
+from pdsn_cli.atomic import atomic_output, check_resumable, check_writable, interrupt_between_steps, partial_path
+from pdsn_cli.data import chips_h5, pairs_h5
 from pdsn_cli.data.chip_cache import AlignReport, ChipCache, chips_from_arrays
+from pdsn_cli.data.faces import FaceItem, list_identity_folder, printable, resolve_inside
+from pdsn_cli.data.h5util import STR, append_rows, make_growable, open_for_writing, stamp
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
-from pdsn_cli.data.faces import FaceItem, list_identity_folder, printable
-from pdsn_cli.trunks.features import embed_features, extract_features
-from pdsn_cli.data.h5util import STR, append_rows, make_growable, open_for_writing, stamp
+from pdsn_cli.pdsn.embedder import Embedder
 
 KIND = "embeddings"
 SCHEMA = 1
@@ -97,8 +97,6 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        from pdsn_cli.data.faces import resolve_inside
-
         try:
             resolve_inside(Path(root), line)
         except BadInputError as e:
@@ -120,15 +118,16 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.gpu)
     check_writable(cfg.out)
+    check_resumable(cfg.out, partial_path(cfg.out), cfg.resume)
     if cfg.batch_size < 1:
         raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
     check_precision(cfg.precision)
-    from pdsn_cli.eval.benchmark import load_models
-
     # without a dictionary nothing is masked, so --occlusion is moot
-    models = load_models(cfg.trunk, cfg.weights, cfg.dict_path, cfg.occlusion_source if cfg.dict_path else "oracle",
-                         cfg.detector, device, cfg.block_threshold)
-    trunk, point, dictionary, detector = models.trunk, models.point, models.dictionary, models.detector
+    embedder = Embedder.load(cfg.trunk, cfg.weights, cfg.dict_path,
+                             cfg.occlusion_source if cfg.dict_path else "oracle", cfg.detector, device,
+                             cfg.block_threshold, flip=cfg.flip, batch_size=cfg.batch_size,
+                             head_batch_size=max(256, cfg.batch_size), precision=cfg.precision, compile=cfg.compile)
+    trunk, point, dictionary = embedder.trunk, embedder.point, embedder.dictionary
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
     chips, occ, rep = _load_input(cfg, trunk.template, stage("align"))
     if dictionary is not None and cfg.occlusion_source == "oracle" and occ is None:
@@ -137,8 +136,6 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
         raise SchemaError(f"{cfg.input} marks occlusions on a {occ.shape[1]}×{occ.shape[2]} grid, {cfg.dict_path} "
                           f"has a {dictionary.grid}×{dictionary.grid} grid")
     c, h, w = trunk.feature_shape(point)
-    # PDSN-masked features go through the dictionary's fine-tuned head when it has one (pdsn finetune)
-    head_trunk = models.masked_trunk
     tmp = partial_path(cfg.out)
     start = _resume_rows(tmp, trunk.name, point) if cfg.resume and tmp.exists() else 0
     empty_total = 0
@@ -163,28 +160,19 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
             for a in starts:
                 sl = slice(a, min(a + chunk, len(chips)))
                 cur = rows
-                feats = extract_features(trunk, cur, point, cfg.batch_size, device, flip=cfg.flip,
-                                         precision=cfg.precision, compile=cfg.compile, on_device=True)
+                feats = embedder.features([cur], on_device=True)
                 # the next chunk is read (HDF5, disk) while the device still works on this one
                 rows = chips.image[sl.stop:sl.stop + chunk] if sl.stop < len(chips) else None
-                masks = None
-                kept = np.ones(sl.stop - sl.start, np.float32)
-                if dictionary is not None:
-                    if detector is not None:
-                        blocks = detector.predict(cur, template=trunk.template) >= cfg.block_threshold
-                    else:
-                        blocks = occ[sl] >= cfg.block_threshold
-                    masks, empty = dictionary.masks_for(blocks, flip=cfg.flip)
-                    empty_total += empty
-                    kept = masks.reshape(len(masks), -1).mean(1).astype(np.float32)
-                emb = embed_features(head_trunk, feats, point, masks, batch_size=max(256, cfg.batch_size), device=device)
+                out = embedder.from_features(feats, cur, occ[sl] if occ is not None else None)
+                empty_total += out.fallbacks
+                emb = out.embeddings
                 if not np.isfinite(emb).all():
                     raise JobFailed(f"trunk {trunk.name} gives non-finite embeddings (NaN/inf) for images "
                                     f"{sl.start}..{sl.stop - 1}; check --weights")
                 append_rows(f["embedding"], emb)
                 if cfg.features:
                     append_rows(f["features"], (feats[:, 0] if cfg.flip else feats).cpu().numpy())
-                append_rows(f["fdm_kept"], kept)
+                append_rows(f["fdm_kept"], out.kept)
                 append_rows(f["label"], chips.label[sl])
                 append_rows(f["source"], chips.source[sl])
                 f.flush()

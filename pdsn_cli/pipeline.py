@@ -15,10 +15,14 @@ from pathlib import Path
 from pdsn_cli.atomic import atomic_output
 from pdsn_cli.eval.benchmark import BenchmarkConfig, run_benchmark
 from pdsn_cli.data.chip_cache import DataSpec
+from pdsn_cli.data.lfw import identities_outside_pairs, read_pairs
 from pdsn_cli.errors import BadInputError
 from pdsn_cli.pdsn.fdm import build
 from pdsn_cli.train.finetune import FinetuneConfig, finetune
 from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
+from pdsn_cli.device import resolve_device
+from pdsn_cli.occlusion.driver import parse_occlusions
+from pdsn_cli.trunks import build_trunk
 from pdsn_cli.train.blocks import TrainBlockConfig, train_blocks
 
 
@@ -47,11 +51,6 @@ class PipelineConfig:
 
 
 def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
-    from pdsn_cli.trunks import build_trunk
-
-    from pdsn_cli.eval.benchmark import parse_occlusions
-    from pdsn_cli.device import resolve_device
-
     t0 = time.perf_counter()
     # every stage's arguments are checked now: a typo found by the last stage would cost the whole run
     resolve_device(cfg.gpu)
@@ -75,8 +74,6 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
         pairs_txt = Path(cfg.data_dir) / "pairs.txt"
         if not pairs_txt.is_file():
             raise BadInputError(f"--data-dir {cfg.data_dir} has no pairs.txt: the pipeline evaluates on LFW View 2")
-        from pdsn_cli.data.lfw import identities_outside_pairs, read_pairs
-
         ids = identities_outside_pairs(cfg.data_dir, read_pairs(pairs_txt, cfg.data_dir))
         identities = cfg.work / "train-identities.txt"
         with atomic_output(identities) as tmp:

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import LFW_DIR, needs_dlib
-from pdsn_cli.align.aligner import TEMPLATES, align_with_points, get_template, similarity_transform, transform_points
+from pdsn_cli.align.aligner import FaceAligner, models_dir
+from pdsn_cli.align.templates import TEMPLATES, align_with_points, get_template, similarity_transform, transform_points
+from pdsn_cli.data.faces import read_image
+from pdsn_cli.data.synthetic import synthetic_faces
 from pdsn_cli.errors import BadInputError
 
 
@@ -81,13 +84,9 @@ def test_templates_and_errors():
 
 def _dlib_photos():
     """A few real LFW photos when available, else synthetic face photos (dlib finds most of them)."""
-    from pdsn_cli.data.faces import read_image
-
     if LFW_DIR.is_dir():
         files = sorted(LFW_DIR.glob("*/*.jpg"))[::1700][:6]
         return [read_image(f) for f in files]
-    from pdsn_cli.data.synthetic import synthetic_faces
-
     return [f.image for f in synthetic_faces(4, 2, seed=3)]
 
 
@@ -96,8 +95,6 @@ def _dlib_photos():
 def test_dlib150_chip_equals_dlib_get_face_chip(points):
     """Fitted on the 5-point model's landmarks, or on the 68-point model's (dlib's original chip)."""
     import dlib
-
-    from pdsn_cli.align.aligner import models_dir
 
     detect = dlib.get_frontal_face_detector()
     sp = dlib.shape_predictor(os.path.join(models_dir(), f"shape_predictor_{points}_face_landmarks.dat"))
@@ -122,9 +119,6 @@ def test_dlib150_chip_equals_dlib_get_face_chip(points):
 
 @needs_dlib
 def test_face_aligner_finds_synthetic_faces_or_falls_back_to_a_centred_crop():
-    from pdsn_cli.align.aligner import FaceAligner
-    from pdsn_cli.data.synthetic import synthetic_faces
-
     aligner = FaceAligner(use_cnn=False)
     face = synthetic_faces(1, 1)[0]
     arc5, dlib5, _, detected, n = aligner.find_points(face.image)
@@ -139,9 +133,6 @@ def test_face_aligner_finds_synthetic_faces_or_falls_back_to_a_centred_crop():
 
 @needs_dlib
 def test_centred_face_rule_passes_over_bystanders():
-    from pdsn_cli.align.aligner import FaceAligner
-    from pdsn_cli.data.synthetic import synthetic_faces
-
     face = synthetic_faces(1, 1, size=250)[0].image
     canvas = np.full((600, 600, 3), 90, np.uint8)
     canvas[:250, :250] = face  # a face only in the corner: a bystander for a centred dataset

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import hog_detectable_faces, needs_dlib, write_jpeg
-from pdsn_cli.eval.benchmark import BenchmarkConfig, occlude_second, parse_occlusions, run_benchmark, synthetic_set
+from pdsn_cli.data.verification_sets import lfw_set, synthetic_set
+from pdsn_cli.eval.benchmark import BenchmarkConfig, run_benchmark
+from pdsn_cli.occlusion.driver import OcclusionVariant, parse_occlusions
 from pdsn_cli.errors import BadInputError
 from pdsn_cli.pdsn.fdm import mirror_blocks
+from pdsn_cli.report.plots import plot_roc
 
 ROW_KEYS = {"method", "occlusion", "accuracy", "std", "tar_at_far_1e-3", "auc"}
 
@@ -34,7 +37,8 @@ def test_synthetic_baseline(tiny_weights):
 def test_synthetic_with_dictionary_adds_pdsn_rows_and_recovery(tiny_weights, fdm_dict, tmp_path):
     plot = tmp_path / "roc.png"
     res = run_benchmark(BenchmarkConfig(dataset="synthetic", trunk="tiny", weights=tiny_weights, dict_path=fdm_dict,
-                                        occlusions=["none", "sunglasses", "block:12"], plot=plot))
+                                        occlusions=["none", "sunglasses", "block:12"]))
+    plot_roc(res.figures["roc"], plot, title=res.figures["title"])  # what benchmark --plot draws
     rows = {(r["method"], r["occlusion"]): r for r in res["results"]}
     assert set(rows) == {(m, o) for m in ("baseline", "pdsn") for o in ("none", "sunglasses", "block:12")}
     _check_rows(res["results"])
@@ -59,8 +63,10 @@ def test_synthetic_with_dictionary_adds_pdsn_rows_and_recovery(tiny_weights, fdm
 
 
 def test_parse_occlusions():
-    assert parse_occlusions(["clean", "none", "scarf", "block:3", "scarf"], 5) == ["none", "scarf", "block:3"]
-    assert parse_occlusions(["block"], 2) == ["block:0", "block:1", "block:2", "block:3"]
+    names = lambda spec, grid: [v.name for v in parse_occlusions(spec, grid)]  # noqa: E731
+    assert names(["clean", "none", "scarf", "block:3", "scarf"], 5) == ["none", "scarf", "block:3"]
+    assert names(["block"], 2) == ["block:0", "block:1", "block:2", "block:3"]
+    assert [v.block for v in parse_occlusions(["scarf", "block:3"], 5)] == [None, 3]
     for bad, msg in ((["block:25"], "outside"), (["block:x"], "block:J"), (["umbrella"], "unknown occlusion")):
         with pytest.raises(BadInputError, match=msg):
             parse_occlusions(bad, 5)
@@ -69,12 +75,13 @@ def test_parse_occlusions():
 def test_occlude_second_is_seeded_per_pair_and_mirrors_blocks():
     vs = synthetic_set("arc112x96", identities=20, images=2, pairs_per_fold=4)
     assert len(vs.same) == 40 and vs.same.sum() == 20 and sorted(set(vs.fold)) == list(range(10))
-    a, occ_a = occlude_second(vs, "block:6", 5, seed=0)
-    b, occ_b = occlude_second(vs, "block:6", 5, seed=0)
-    c, _ = occlude_second(vs, "block:6", 5, seed=1)
+    block6 = OcclusionVariant("block", 6)
+    a, occ_a = vs.occlude_second(block6, 5, seed=0)
+    b, occ_b = vs.occlude_second(block6, 5, seed=0)
+    c, _ = vs.occlude_second(block6, 5, seed=1)
     assert np.array_equal(a, b) and np.array_equal(occ_a, occ_b) and not np.array_equal(a, c)
     assert (occ_a.reshape(len(a), -1).argmax(1) == 6).all()
-    clean, none = occlude_second(vs, "none", 5, seed=0)
+    clean, none = vs.occlude_second(OcclusionVariant("none"), 5, seed=0)
     assert np.array_equal(clean, vs.chips.image[vs.i2]) and not none.any()
     # block 6 is (row 1, col 1); in the mirrored image it is (row 1, col 3) = block 8
     assert (mirror_blocks(occ_a).reshape(len(a), -1).argmax(1) == 8).all()
@@ -136,8 +143,6 @@ def test_lfw_layout_with_dlib_resnet(tmp_path):
 
 @needs_dlib
 def test_lfw_with_68_landmark_chips_and_both(tmp_path):
-    from pdsn_cli.eval.benchmark import lfw_set
-
     root = write_tiny_lfw(tmp_path / "lfw")
     five = lfw_set(root, None, "dlib150", None, landmarks=5)
     six8 = lfw_set(root, None, "dlib150", None, landmarks=68)

@@ -140,3 +140,38 @@ def test_errors_are_one_line_with_exit_codes(tmp_path, monkeypatch, tiny_weights
                                         tiny_weights, "--block", "3", "--lr", "1e30", "--lambda", "1e30", "--quiet",
                                         "--out", str(tmp_path / "nan.pt")]), 4, "loss became")
     assert not (tmp_path / "nan.pt").exists()
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_pairs_preview_is_drawn_by_the_command(tmp_path):
+    sheet, js = tmp_path / "sheet.png", tmp_path / "p.json"
+    _ok(["make-pairs", "--occluder", "scarf", "--template", "arc112x96", "--synthetic-identities", "2",
+         "--synthetic-images", "2", "--out", str(tmp_path / "p.h5"), "--preview", str(sheet), "--quiet",
+         "--json", str(js)])
+    assert sheet.read_bytes()[:8] == PNG and json.loads(js.read_text())["preview"] == str(sheet)
+
+
+def test_occluders_command(tmp_path):
+    r = _ok(["occluders", "--write-assets", str(tmp_path / "assets"), "--preview", str(tmp_path / "kinds.png")])
+    assets = sorted((tmp_path / "assets").iterdir())
+    assert assets and all(p.read_bytes()[:8] == PNG for p in assets)
+    assert (tmp_path / "kinds.png").read_bytes()[:8] == PNG and str(tmp_path / "kinds.png") in r.stdout
+    _one_line_error(runner.invoke(app, ["occluders"]), 2, "--write-assets")
+    _one_line_error(runner.invoke(app, ["occluders", "--preview", str(tmp_path / "no" / "x.png")]), 2,
+                    "output folder does not exist")
+    assert not (tmp_path / "no").exists()
+
+
+def test_json_dash_writes_the_json_alone_to_stdout(tmp_path, monkeypatch):
+    """``--json -``: stdout is the JSON and nothing else (the summary table goes to stderr); no file named ``-``.
+    The next command without it prints its table to stdout again."""
+    monkeypatch.chdir(tmp_path)
+    r = _ok(["make-pairs", "--occluder", "scarf", "--template", "arc112x96", "--synthetic-identities", "1",
+             "--synthetic-images", "1", "--out", "p.h5", "--quiet", "--json", "-"])
+    assert json.loads(r.stdout)["out"] == "p.h5" and "pairs written" in r.stderr
+    assert not (tmp_path / "-").exists()
+    r = _ok(["make-pairs", "--occluder", "scarf", "--template", "arc112x96", "--synthetic-identities", "1",
+             "--synthetic-images", "1", "--out", "p.h5", "--quiet"])
+    assert "pairs written" in r.stdout

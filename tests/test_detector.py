@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from pdsn_cli.data import pairs_h5
-from pdsn_cli.pdsn.detector import (
-    CHECKPOINT_FORMAT,
-    DetectorNet,
-    OcclusionDetector,
-    TrainDetectorConfig,
-    block_metrics,
-    read_detector_data,
-    resize_chips,
-    split_by_source,
-    train_detector,
-)
+from pdsn_cli.pdsn.detector import CHECKPOINT_FORMAT, DetectorNet, OcclusionDetector, resize_chips
+from pdsn_cli.train.detector import TrainDetectorConfig, block_metrics, read_detector_data, train_detector
+from pdsn_cli.train.splits import split_by_source
 from pdsn_cli.errors import BadInputError, SchemaError
 
 SIZE = 40  # chip side: 8 px grid blocks
@@ -98,7 +90,7 @@ def trained(easy, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("det") / "det.pt"
     calls = []
-    res = train_detector(small_cfg([easy], out), progress=lambda d, t: calls.append((d, t)))
+    res = train_detector(small_cfg([easy], out), progress=lambda s, d, t: calls.append((d, t)) if s == "train" else None)
     return res, out, calls
 
 
@@ -324,3 +316,55 @@ def test_trains_on_make_pairs_output(tmp_path):
     det = OcclusionDetector.load(out)
     p = pairs_h5.read_pairs(pairs, select=np.arange(8))
     assert det.predict(p.occluded, template="arc112x96").shape == (8, 5, 5)
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(easy, tmp_path):
+    import os
+    import signal
+
+    torch.set_num_threads(1)
+    straight = train_detector(small_cfg([easy], tmp_path / "a.pt", epochs=2))
+
+    def ctrl_c_mid_epoch_2(stage, step, total):
+        if stage == "train" and step == total // 2 + 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, handled at the next step boundary
+
+    out = tmp_path / "b.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(small_cfg([easy], out, epochs=2), progress=ctrl_c_mid_epoch_2)
+    ckpt = Path(f"{out}.ckpt")
+    # 480 training chips, batches of 32: 15 steps an epoch; Ctrl-C after step 18 checkpoints at 18
+    assert not out.exists() and torch.load(ckpt, weights_only=True)["step"] == 18
+    with pytest.raises(BadInputError, match="different settings: lr"):
+        train_detector(small_cfg([easy], out, epochs=2, lr=1e-3, resume=True))
+    resumed = train_detector(small_cfg([easy], out, epochs=2, resume=True))
+    for k in ("loss_history", "val_loss_history", "precision", "recall", "f1", "per_kind"):
+        assert resumed[k] == straight[k], k
+    a, b = torch.load(out, weights_only=True), torch.load(tmp_path / "a.pt", weights_only=True)
+    for k, v in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][k], v), k
+    assert not ckpt.exists()
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    """torchrun: each process takes every 2nd chip of the global batch; rank 0 alone writes and prints."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pairs = write_easy_pairs(tmp_path / "easy.h5", n_images=24)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    out, js = tmp_path / "det.pt", tmp_path / "det.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pdsn_cli",
+         "train-detector", "--pairs", str(pairs), "--epochs", "2", "--batch-size", "16", "--out", str(out),
+         "--json", str(js), "-q"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("train-detector") == 1
+    res = json.loads(js.read_text())
+    assert len(res["loss_history"]) == 2 and np.isfinite(res["loss_history"]).all()
+    assert OcclusionDetector.load(out).predict(np.zeros((1, SIZE, SIZE, 3), np.uint8)).shape == (1, GRID, GRID)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det.json", "det.pt", "easy.h5"]

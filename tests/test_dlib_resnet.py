@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import LFW_DIR
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.trunks import build_trunk
 from pdsn_cli.trunks.dlib_format import DlibReader, _read_details, read_net, read_net_file
 from pdsn_cli.trunks.dlib_resnet import DlibResNet, build, expected_layer_kinds, packaged_weights_path
 
-LFW = Path(__file__).resolve().parents[2] / "shared/data/lfw"
 POINT_SHAPES = {"level3": (64, 17, 17), "level2": (128, 8, 8), "level1": (256, 4, 4), "level0": (256, 2, 2)}
 
 
@@ -233,7 +233,7 @@ def _lfw_chips() -> tuple[list[np.ndarray], list[int]]:
     chips, labels = [], []
     for label, person in enumerate(LFW_PEOPLE):
         got = 0
-        for path in sorted((LFW / person).glob("*.jpg")):
+        for path in sorted((LFW_DIR / person).glob("*.jpg")):
             img = dlib.load_rgb_image(str(path))
             faces = detector(img, 1)
             if len(faces) != 1:
@@ -246,7 +246,7 @@ def _lfw_chips() -> tuple[list[np.ndarray], list[int]]:
     return chips, labels
 
 
-@pytest.mark.skipif(not LFW.is_dir(), reason="LFW not present beside the repo")
+@pytest.mark.skipif(not LFW_DIR.is_dir(), reason="LFW not present beside the repo")
 def test_matches_dlib_on_lfw_and_recognises_people(model):
     chips, labels = _lfw_chips()
     assert len(chips) == 2 * len(LFW_PEOPLE)

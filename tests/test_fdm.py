@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pdsn_cli.pdsn import fdm
+from pdsn_cli.report.plots import plot_dict
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.train.blocks import CKPT_KIND, load_blocks_file
 
@@ -50,7 +51,8 @@ def test_build_from_train_block_all(trained_blocks, fdm_dict, tmp_path):
     with h5py.File(fdm_dict, "r") as f:
         assert f.attrs["pdsn_kind"] == "fdm-dict"
 
-    res = fdm.build([ckpt], tmp_path / "d.h5", tau=0.5, plot=tmp_path / "d.png")
+    res = fdm.build([ckpt], tmp_path / "d.h5", tau=0.5)
+    plot_dict(fdm.load(tmp_path / "d.h5"), tmp_path / "d.png")
     assert res["blocks_trained"] == 25 and res["missing_blocks"] == []
     assert res["discarded_per_block"] == [n // 2] * 25
     assert 0 <= res["mean_pairwise_discard_iou"] <= 1

@@ -14,8 +14,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pdsn_cli.errors import BadInputError, JobFailed
 from pdsn_cli.data.fetch import DEFAULT_CHECKSUMS, DEFAULT_URLS, MARKER, fetch_lfw
+from pdsn_cli.data.lfw import read_pairs
+from pdsn_cli.errors import BadInputError, JobFailed
 
 PAIRS = b"1\t1\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t1\n"
 
@@ -148,8 +149,6 @@ def test_download_verify_extract_then_noop(server, tmp_path):
     assert [e["range"] for e in server.log] == [None, None]
 
     # the pairs parser accepts what was fetched
-    from pdsn_cli.data.lfw import read_pairs
-
     assert len(read_pairs(root / "pairs.txt", root)) == 2
 
     requests = len(server.log)

@@ -83,7 +83,7 @@ def test_a_head_that_does_not_fit_the_trunk_is_refused(tuned, tmp_path, tiny_wei
 
 
 def test_holdout_is_by_identity():
-    from pdsn_cli.train.finetune import holdout_identities
+    from pdsn_cli.train.splits import holdout_identities
 
     names = [f"id{k % 7}" for k in range(70)]
     held = holdout_identities(names, 0.3, seed=0)
@@ -135,3 +135,55 @@ def test_fdm_on_occluded_masks_only_the_occluded_image(tuned, fdm_dict, tiny_wei
         run_benchmark(BenchmarkConfig(dict_path=fdm_dict, fdm_on="occluded", **common))
     with pytest.raises(BadInputError, match="--fdm-on"):
         run_benchmark(BenchmarkConfig(dict_path=tuned[0], fdm_on="left", **common))
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(fdm_dict, block_pairs, tiny_weights, tmp_path):
+    import os
+    import signal
+
+    def cfg(out, **kw):
+        return FinetuneConfig(dict_path=fdm_dict, pairs=[block_pairs], out=out, weights=tiny_weights, epochs=3,
+                              lr=1e-3, batch_size=16, holdout=0.2, **kw)
+
+    straight = finetune(cfg(tmp_path / "a.h5"))
+
+    def ctrl_c_in_epoch_2(stage, step, total):
+        if stage == "fine-tune" and step == total // 3 + 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, handled at the next step boundary
+
+    out = tmp_path / "b.h5"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg(out), progress=ctrl_c_in_epoch_2)
+    ckpt = tmp_path / "b.h5.ckpt"
+    assert not out.exists() and torch.load(ckpt, weights_only=True)["epoch"] == 1
+    resumed = finetune(cfg(out, resume=True))
+    for k in ("history", "kept_epoch", "held_out_before"):
+        assert resumed[k] == straight[k], k
+    with h5py.File(out) as fa, h5py.File(tmp_path / "a.h5") as fb:
+        for k in fb["head"]:
+            assert np.array_equal(fa["head"][k][()], fb["head"][k][()]), k
+    assert not ckpt.exists()
+
+
+def test_finetune_under_torchrun_two_processes(fdm_dict, block_pairs, tiny_weights, tmp_path):
+    """DDP on gloo: each process takes every 2nd pair of the global batch; rank 0 alone writes and prints."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    out, js = tmp_path / "ft.h5", tmp_path / "ft.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pdsn_cli",
+         "finetune", "--dict", str(fdm_dict), "--pairs", str(block_pairs), "--weights", tiny_weights, "--epochs", "2",
+         "--lr", "1e-3", "--out", str(out), "--json", str(js), "-q"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finetune") == 1
+    res = json.loads(js.read_text())
+    assert len(res["history"]) == 2 and res["history"][-1]["held_out"][0] < res["held_out_before"][0]
+    assert set(fdm.load(out).head) == set(res["head_parameters"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.h5", "ft.json"]

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LFW_DIR
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.data.lfw import Pair, identities_outside_pairs, limit_pairs, pair_identities, read_pairs
 
-LFW = Path("/work/shared/data/lfw")
 PEOPLE = {"Ann_A": 3, "Bob_B": 2, "Cy_C": 1, "Dee_D": 2}
 
 
@@ -152,13 +152,13 @@ def test_identities_in_and_outside_pairs(root, tmp_path):
     assert list(outside) == sorted(outside)
 
 
-@pytest.mark.skipif(not (LFW / "pairs.txt").is_file(), reason="real LFW not present")
+@pytest.mark.skipif(not (LFW_DIR / "pairs.txt").is_file(), reason="real LFW not present")
 def test_real_lfw_view2():
-    pairs = read_pairs(LFW / "pairs.txt", LFW)
+    pairs = read_pairs(LFW_DIR / "pairs.txt", LFW_DIR)
     assert len(pairs) == 6000 and sum(p.same for p in pairs) == 3000
     assert {p.fold for p in pairs} == set(range(10))
     assert pairs[0] == Pair("Abel_Pacheco/Abel_Pacheco_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0004.jpg", True, 0)
-    outside = identities_outside_pairs(LFW, pairs)
+    outside = identities_outside_pairs(LFW_DIR, pairs)
     assert len(outside) == 1468
     assert sum(len(v) for v in outside.values()) == 1549
     assert len(limit_pairs(pairs, 200)) == 200

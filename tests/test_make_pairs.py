@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_same_datasets, needs_dlib
 from pdsn_cli.data import pairs_h5
-from pdsn_cli.align.aligner import get_template
+from pdsn_cli.align.templates import get_template
 from pdsn_cli.atomic import interrupt_between_steps, partial_path
 from pdsn_cli.data.chip_cache import DataSpec
 from pdsn_cli.cli.app import app

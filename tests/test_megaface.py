@@ -10,11 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from conftest import hog_detectable_faces, write_jpeg
+from pdsn_cli.cli.app import app
 from pdsn_cli.data import megaface as mf
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.eval.identification import IdentificationConfig, Tally, run_identification
-from conftest import hog_detectable_faces, write_jpeg
+from pdsn_cli.eval.identification import IdentificationConfig, ProbeSide, Tally, run_identification, score_group
+from pdsn_cli.eval.search import ArrayGallery
+from pdsn_cli.pdsn.embedder import Embedder
 
 
 # ---- devkit files ------------------------------------------------------------------------------------------
@@ -107,11 +112,6 @@ class _FlatTrunk:
 
 
 def test_score_group_matches_brute_force():
-    import torch
-
-    from pdsn_cli.eval.identification import ProbeSide, score_group
-    from pdsn_cli.eval.search import ArrayGallery
-
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(8), rng.integers(2, 6, 8))
     centres = rng.standard_normal((8, 16))
@@ -128,8 +128,8 @@ def test_score_group_matches_brute_force():
     sizes = [10, 100, 1000, 3000]
     t = Tally(sizes, ranks=4)
     idx = np.arange(len(labels))
-    score_group(t, side, idx, e.astype(np.float32), ArrayGallery(gallery), _FlatTrunk(), "x", None,
-                torch.device("cpu"), chunk_rows=700)
+    flat = Embedder(_FlatTrunk(), "x", None, None, "oracle", torch.device("cpu"), masked_trunk=_FlatTrunk())
+    score_group(t, side, idx, e.astype(np.float32), ArrayGallery(gallery), flat, None, chunk_rows=700)
     s_d = e @ gallery.T
     hits = np.zeros((len(sizes), 4), np.int64)
     trials = 0
@@ -211,10 +211,6 @@ def test_megaface_layout_end_to_end(faces, tiny_weights, fdm_dict, tmp_path):
 
 
 def test_cli_megaface_lfw_json_and_report(lfw_like, tiny_weights, fdm_dict, tmp_path):
-    from typer.testing import CliRunner
-
-    from pdsn_cli.cli.app import app
-
     out, rep = tmp_path / "r.json", tmp_path / "report"
     r = CliRunner().invoke(app, ["benchmark", "--dataset", "megaface-lfw", "--data-dir", str(lfw_like), "--trunk",
                                  "tiny", "--weights", tiny_weights, "--dict", str(fdm_dict), "--occluder", "none",

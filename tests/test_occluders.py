@@ -9,16 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import LFW_DIR
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.occlusion.occluders import (
-    OCCLUDERS,
-    SPRITE_KINDS,
-    block_bounds,
-    block_occupancy,
-    contact_sheet,
-    occlude,
-    write_assets,
-)
+from pdsn_cli.occlusion.occluders import OCCLUDERS, SPRITE_KINDS, block_bounds, block_occupancy, occlude
+from pdsn_cli.report.sheets import contact_sheet, write_assets
 from pdsn_cli.data.synthetic import synthetic_faces
 
 # 5-point templates (left eye, right eye, nose tip, left/right mouth corner) for the chip sizes trunks use
@@ -217,12 +211,11 @@ def test_write_assets(tmp_path):
             assert os.path.getsize(committed) <= 30 * 1024
 
 
-_LFW = "/work/shared/data/lfw"
 
 
-@pytest.mark.skipif(not glob.glob(os.path.join(_LFW, "*", "*.jpg"))[:1], reason="LFW not present")
+@pytest.mark.skipif(not glob.glob(os.path.join(LFW_DIR, "*", "*.jpg"))[:1], reason="LFW not present")
 def test_real_photos_center_crops():
-    files = sorted(glob.glob(os.path.join(_LFW, "*", "*.jpg")))[:: 2000][:6]
+    files = sorted(glob.glob(os.path.join(LFW_DIR, "*", "*.jpg")))[:: 2000][:6]
     lm = (np.array([[0.35, 0.42], [0.65, 0.42], [0.5, 0.58], [0.38, 0.72], [0.62, 0.72]]) * 150).astype(np.float32)
     rng = np.random.default_rng(0)
     for f in files:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
-from pdsn_cli.train.blocks import CKPT_KIND, MaskGenerators, TrainBlockConfig, cosface_logits, load_blocks_file, train_blocks
+from pdsn_cli.pdsn.mask_generator import MaskGenerators, cosface_logits, mean_block_masks
+from pdsn_cli.train.blocks import CKPT_KIND, TrainBlockConfig, load_blocks_file, train_blocks
 
 
 def test_mask_generators_shapes_and_range():
@@ -172,7 +173,7 @@ def test_train_block_under_torchrun_two_processes(block_pairs, tiny_weights, tmp
     from pathlib import Path
 
     from pdsn_cli.trunks import build_trunk
-    from pdsn_cli.train.blocks import mean_block_masks, pair_features
+    from pdsn_cli.train.blocks import pair_features
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",

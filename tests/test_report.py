@@ -10,7 +10,8 @@ import pytest
 
 from pdsn_cli.errors import BadInputError
 from pdsn_cli.pdsn.fdm import FdmDict
-from pdsn_cli.report.markdown import block_grids, check_report_dir, write_report
+from pdsn_cli.report.markdown import check_report_dir, write_report
+from pdsn_cli.report.tables import block_grids
 from pdsn_cli.eval.verification import roc_curve
 
 pytest.importorskip("matplotlib")
@@ -22,11 +23,12 @@ def fake_result(blocks: range | list = range(25), clean: bool = True) -> dict:
     """A benchmark result with the rows run_benchmark writes: clean, sunglasses, and one row per block."""
     rng = np.random.default_rng(0)
     rows = []
-    occlusions = (["none"] if clean else []) + ["sunglasses"] + [f"block:{j}" for j in blocks]
-    for occ in occlusions:
+    occlusions = [(o, None) for o in (["none"] if clean else []) + ["sunglasses"]]
+    occlusions += [(f"block:{j}", j) for j in blocks]
+    for occ, block in occlusions:
         base = 0.99 if occ == "none" else float(rng.uniform(0.95, 0.985))
         for method, acc in (("baseline", base), ("pdsn", base if occ == "none" else base + rng.normal(0, 0.004))):
-            rows.append({"method": method, "occlusion": occ, "accuracy": acc, "std": 0.01,
+            rows.append({"method": method, "occlusion": occ, "block": block, "accuracy": acc, "std": 0.01,
                          "tar_at_far_1e-3": acc - 0.1, "auc": 0.999})
             if method == "pdsn" and occ == "sunglasses":
                 rows[-1]["recovery"] = 0.25
@@ -203,3 +205,27 @@ def test_without_matplotlib(tmp_path, monkeypatch):
     with pytest.raises(BadInputError, match=r"--report needs matplotlib: pip install 'pdsn-cli\[plots\]'"):
         write_report(tmp_path / "r", fake_result(), roc=fake_roc())
     assert not (tmp_path / "r").exists()
+
+
+def test_one_table_model_for_the_terminal_and_index_md():
+    from pdsn_cli.report.markdown import markdown_table
+    from pdsn_cli.report.tables import block_grid_table, results_table
+
+    result = fake_result(blocks=range(4))
+    result["results"].append({"method": "baseline", "occlusion": "block:mean", "block": None, "accuracy": 0.9,
+                              "std": 0.0, "tar_at_far_1e-3": 0.8, "auc": 0.99})
+    table = results_table(result)
+    assert table.title == "lfw — tiny @ stage3, 600 pairs"
+    assert [c.header for c in table.columns] == ["method", "occlusion", "accuracy", "TAR@FAR=1e-3", "AUC",
+                                                 "recovery"]
+    row = next(r for r in table.rows if r[:2] == ["pdsn", "sunglasses"])
+    assert row[-1] == "+0.25" and row[2].endswith(" ± 1.00")
+    md = markdown_table(table)
+    assert md[0] == "| method | occlusion | accuracy | TAR@FAR=1e-3 | AUC | recovery |"
+    assert md[1] == "|---|---|---:|---:|---:|---:|" and len(md) == 2 + len(result["results"])
+    # the K×K grid reads the rows' block field (block:mean has none): 2×2, "J: baseline → PDSN"
+    grid = block_grid_table(result)
+    assert len(grid.rows) == 2 and len(grid.rows[0]) == 2 and not grid.show_header
+    b3 = next(r for r in result["results"] if r["method"] == "baseline" and r["block"] == 3)
+    assert grid.rows[1][1].startswith(f"3: {100 * b3['accuracy']:.1f} → ")
+    assert block_grid_table(fake_result(blocks=[])) is None

@@ -22,11 +22,11 @@ from pdsn_cli.errors import BadInputError, JobFailed
 from pdsn_cli.train.heads import ArcFace, CosFace, build_head
 from pdsn_cli.trunks import build_trunk
 from pdsn_cli.trunks.checkpoint import load_checkpoint
+from pdsn_cli.train.splits import split_identities
 from pdsn_cli.train.trunk import (
     TrainTrunkConfig,
     lr_at,
     make_pairs,
-    split_identities,
     train_trunk,
     two_fold_accuracy,
 )
@@ -142,8 +142,8 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(chips, tmp_path):
     straight = train_trunk(cfg_for(chips, tmp_path / "a"))
     steps_per_epoch = straight["steps"] // 2
 
-    def interrupt_after_first_epoch(info):
-        if info["step"] == steps_per_epoch:
+    def interrupt_after_first_epoch(stage, step, total):
+        if step == steps_per_epoch:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, handled at the next step boundary
 
     with pytest.raises(KeyboardInterrupt):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.report.markdown import plot_roc
+from pdsn_cli.report.plots import plot_roc
 from pdsn_cli.eval.verification import (
     best_threshold,
     roc_auc,

@@ -39,18 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pdsn_cli.data.faces import (
+    RAW_BYTES, RAW_HEIGHT, RAW_WIDTH, FaceItem, Skipped, printable, read_image, read_raw,
+)
 from pdsn_cli.errors import BadInputError
-from pdsn_cli.data.faces import BadImage, FaceItem, Skipped, printable, read_image
 
 __all__ = [
     "ArImage", "ArScan", "ArProtocol", "ProtocolSpec", "PROTOCOLS", "CONDITIONS", "KINDS", "AR_EXTENSIONS",
     "RAW_WIDTH", "RAW_HEIGHT", "RAW_BYTES", "parse_name", "image_kind", "scan", "read_raw", "read_ar_image",
     "protocol", "ar_items",
 ]
-
-#: the original release's header-less RGB frames
-RAW_WIDTH, RAW_HEIGHT = 768, 576
-RAW_BYTES = RAW_WIDTH * RAW_HEIGHT * 3  # 1,327,104
 
 #: what each image number means (1–13; 14–26 repeat them in the second session)
 CONDITIONS = {
@@ -242,25 +240,6 @@ def scan(root: str | os.PathLike) -> ArScan:
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
-def read_raw(path: str | os.PathLike) -> np.ndarray:
-    """One frame of the original release: 768×576, three whole colour planes (R, G, B) of 576 rows × 768
-    bytes, no header. Returns RGB uint8 576×768×3, or raises BadImage with the reason."""
-    path = Path(os.fsdecode(path))
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(RAW_BYTES + 1)
-    except PermissionError:
-        raise BadImage("permission denied") from None
-    except OSError as e:
-        raise BadImage(f"unreadable: {e.strerror or e}") from None
-    if len(data) != RAW_BYTES:
-        size = f"{len(data):,} bytes" if len(data) <= RAW_BYTES else f"more than {RAW_BYTES:,} bytes"
-        raise BadImage(f"not an AR .raw frame: {size}, expected {RAW_BYTES:,} "
-                       f"({RAW_WIDTH}×{RAW_HEIGHT} RGB planes, no header)")
-    planes = np.frombuffer(data, np.uint8).reshape(3, RAW_HEIGHT, RAW_WIDTH)
-    return np.ascontiguousarray(planes.transpose(1, 2, 0))
-
-
 def read_ar_image(root: str | os.PathLike, rel: str | ArImage) -> np.ndarray:
     """RGB uint8 H×W×3 of an AR image (``rel``: a path from ``scan`` or the ArImage itself); BadImage if it
     cannot be decoded."""

@@ -1,10 +1,14 @@
 """Aligned chips for a dataset, computed once and cached.
 
 Real photos: the cache is a folder of HDF5 shards (``chips_h5`` schema), one per batch of newly aligned images,
-each written atomically, so an interrupted alignment resumes from the last finished shard and a later run
-with more images only aligns the new ones. Files that cannot be decoded are remembered (``skipped.json``) and
-reported again without being re-read. The built-in synthetic faces have known landmarks and are aligned in
-memory (no cache needed: generating and warping them is faster than reading them back).
+each written under a temp name unique to its writer and published by an atomic rename, so an interrupted
+alignment keeps what it aligned (a part-filled batch is flushed on Ctrl-C), a later run with more images only
+aligns the new ones, and runs sharing one cache never overwrite each other's shards. Every entry is stamped
+with its source file's identity (size, mtime_ns, inode) and used only while the file still has it: a photo
+replaced at the same path is aligned again. Files that cannot be decoded are remembered (``skipped-*.json``,
+stamped the same way) and reported again without being re-read until they change. The built-in synthetic faces
+have known landmarks and are aligned in memory (no cache needed: generating and warping them is faster than
+reading them back).
 """
 
 from __future__ import annotations
@@ -13,25 +17,59 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import secrets
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 
-from pdsn_cli.align.aligner import FaceAligner, align_with_points, get_template
-from pdsn_cli.atomic import atomic_output
+from pdsn_cli.align.aligner import FaceAligner
+from pdsn_cli.align.templates import align_with_points, get_template
+from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps
 from pdsn_cli.data.chips_h5 import ALIGNED_DETECTED, ALIGNED_FALLBACK, ALIGNED_KNOWN, Chips, ChipsWriter
-from pdsn_cli.errors import BadInputError
-from pdsn_cli.data.h5util import read_rows
 from pdsn_cli.data.faces import BadImage, FaceItem, Skipped, list_identity_folder, read_image
-from pdsn_cli.data.h5util import open_for_writing
+from pdsn_cli.data.h5util import open_for_writing, read_rows
+from pdsn_cli.data.synthetic import identity_name, synthetic_faces
+from pdsn_cli.errors import BadInputError
 
 SHARD_SIZE = 512
+#: shard dataset holding each entry's source stamp (size, mtime_ns, inode); absent in shards of older versions
+STAMP = "source_stamp"
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PDSN_CACHE", Path.home() / ".cache" / "pdsn"))
+
+
+def source_stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """What identifies a file's content without reading it: size, modification time (ns) and inode."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    shard: Path
+    row: int
+    stamp: tuple[int, int, int] | None  # None: a shard written before entries were stamped
+    shard_mtime_ns: int
+
+    def fresh(self, st: os.stat_result | None) -> bool:
+        """Whether this entry still describes the file whose current stat is ``st``."""
+        if st is None:
+            return False
+        if self.stamp is None:  # unstamped: valid while the file has not changed since the shard was written
+            return max(st.st_mtime_ns, st.st_ctime_ns) <= self.shard_mtime_ns
+        return self.stamp == source_stamp(st)
 
 
 @dataclass
@@ -42,6 +80,7 @@ class AlignReport:
     fallbacks: int = 0
     several_faces: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # shown by the CLI, a result's "warnings"
 
     def as_dict(self) -> dict:
         return {
@@ -60,10 +99,15 @@ _ALIGNER: FaceAligner | None = None
 
 def _init_worker(max_centre_offset: float | None = None) -> None:
     global _ALIGNER
-    import cv2
-
     cv2.setNumThreads(1)
     _ALIGNER = FaceAligner(max_centre_offset=max_centre_offset)
+
+
+def _init_pool_worker(max_centre_offset: float | None = None) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the pool and keeps what it received; a worker
+    # dying of KeyboardInterrupt instead would leave its task unanswered and the parent waiting forever
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(max_centre_offset)
 
 
 def _align_file(args):
@@ -72,8 +116,12 @@ def _align_file(args):
         image = read_image(Path(root) / disk)
     except BadImage as e:
         return rel, None, str(e)
-    arc5, dlib5, dlib68, detected, faces = _ALIGNER.find_points(image)
-    chip, lm = align_with_points(image, arc5, dlib5, template, dlib68 if landmarks == 68 else None)
+    try:
+        arc5, dlib5, dlib68, detected, faces = _ALIGNER.find_points(image)
+        chip, lm = align_with_points(image, arc5, dlib5, template, dlib68 if landmarks == 68 else None)
+    except MemoryError:
+        h, w = image.shape[:2]
+        return rel, None, f"out of memory while aligning ({w}×{h})"
     return rel, (chip, lm, ALIGNED_DETECTED if detected else ALIGNED_FALLBACK, faces), None
 
 
@@ -97,55 +145,100 @@ class ChipCache:
             name += "-lm68"
         self.dir = (cache_dir or default_cache_dir()) / "chips" / f"{self.root.name}-{key}" / name
         self.dir.mkdir(parents=True, exist_ok=True)
+        #: source → the entry ``ensure`` found fresh, which ``load`` then reads
+        self._resolved: dict[str, CacheEntry] = {}
 
     def shards(self) -> list[Path]:
         return sorted(self.dir.glob("chips-*.h5"))
 
-    def index(self) -> dict[str, tuple[Path, int]]:
-        idx: dict[str, tuple[Path, int]] = {}
+    def entries(self) -> dict[str, list[CacheEntry]]:
+        """Every cached chip of every readable shard, by source (a source re-aligned after a change has several)."""
+        found: dict[str, list[CacheEntry]] = {}
         for shard in self.shards():
-            with h5py.File(shard, "r") as f:
-                for i, s in enumerate(f["source"].asstr()[()]):
-                    idx[s] = (shard, i)
-        return idx
+            try:
+                mtime_ns = shard.stat().st_mtime_ns
+                with h5py.File(shard, "r") as f:
+                    sources = f["source"].asstr()[()]
+                    stamps = f[STAMP][()].tolist() if STAMP in f else [None] * len(sources)
+            except (OSError, KeyError):  # removed by `cache clear` meanwhile, or damaged: not a cache hit
+                continue
+            for i, (s, stamp) in enumerate(zip(sources, stamps)):
+                found.setdefault(s, []).append(CacheEntry(shard, i, stamp and tuple(stamp), mtime_ns))
+        return found
 
-    def _bad(self) -> dict[str, str]:
-        p = self.dir / "skipped.json"
-        return json.loads(p.read_text()) if p.exists() else {}
+    def _bad(self) -> dict[str, dict[tuple | None, str]]:
+        """Files that failed to decode: source → {stamp when it failed: reason} (legacy ``skipped.json``: no stamp,
+        so they are tried again)."""
+        bad: dict[str, dict[tuple | None, str]] = {}
+        for p in sorted(self.dir.glob("skipped*.json")):
+            try:
+                saved = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            for rel, v in saved.items():
+                stamp, reason = (tuple(v["stamp"]), v["reason"]) if isinstance(v, dict) else (None, v)
+                bad.setdefault(rel, {})[stamp] = reason
+        return bad
 
-    def _save_bad(self, bad: dict[str, str]) -> None:
-        with atomic_output(self.dir / "skipped.json") as tmp:
-            tmp.write_text(json.dumps(bad, indent=0, sort_keys=True))
+    def _save_bad(self, found: dict[str, tuple[tuple, str]], token: str) -> None:
+        if not found:
+            return
+        with atomic_output(self.dir / f"skipped-{token}.json", shared=True) as tmp:
+            tmp.write_text(json.dumps({rel: {"reason": r, "stamp": list(st)} for rel, (st, r) in found.items()},
+                                      indent=0, sort_keys=True))
 
     def ensure(self, items: list[FaceItem], workers: int = 1, progress=None) -> AlignReport:
-        """Align every item not cached yet; returns what happened (the cache then holds all decodable items)."""
+        """Align every item not cached yet (or changed since); returns what happened (the cache then holds all
+        decodable items). On Ctrl-C the images aligned so far are written to the cache before it propagates."""
         rep = AlignReport(images=len(items))
-        idx = self.index()
+        entries = self.entries()
         bad = self._bad()
-        todo = [it for it in items if it.path not in idx and it.path not in bad]
-        rep.from_cache = sum(1 for it in items if it.path in idx)
-        rep.skipped = [Skipped(it.path, bad[it.path]) for it in items if it.path in bad]
+        todo, stamps = [], {}
+        for it in items:
+            st = stat_or_none(self.root / (it.file or it.path))
+            hit = next((e for e in reversed(entries.get(it.path, ())) if e.fresh(st)), None)
+            if hit is not None:
+                self._resolved[it.path] = hit
+                rep.from_cache += 1
+            elif st is not None and source_stamp(st) in bad.get(it.path, {}):
+                rep.skipped.append(Skipped(it.path, bad[it.path][source_stamp(st)]))
+            else:
+                todo.append(it)
+                stamps[it.path] = source_stamp(st) if st is not None else (-1, -1, -1)
         if progress:
             progress(rep.from_cache + len(rep.skipped), len(items))
         if not todo:
             return rep
-        n0 = len(self.shards())
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"  # this run's shards never collide with another run's
+        shard_no = 0
         ident = {it.path: it.identity for it in items}
         jobs = [(str(self.root), it.path, self.template.name, it.file or it.path, self.landmarks) for it in todo]
         pool = None
         if workers > 1:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(self.centred,))
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_pool_worker, initargs=(self.centred,))
             results = pool.imap(_align_file, jobs, chunksize=8)
         else:
             _init_worker(self.centred)
             results = map(_align_file, jobs)
+        buf: list = []
+        found_bad: dict[str, tuple[tuple, str]] = {}
+
+        def flush() -> None:
+            nonlocal buf, shard_no
+            with interrupt_between_steps() as check:  # a second Ctrl-C waits for the shard to be written
+                if buf:
+                    self._write_shard(f"{shard_no:05d}-{token}", buf, ident, stamps)
+                    shard_no += 1
+                    buf = []
+                self._save_bad(found_bad, token)
+            check()
+
         try:
-            buf: list = []
             done = rep.from_cache + len(rep.skipped)
             for rel, res, reason in results:
                 done += 1
                 if res is None:
-                    bad[rel] = reason
+                    found_bad[rel] = (stamps[rel], reason)
                     rep.skipped.append(Skipped(rel, reason))
                 else:
                     buf.append((rel, res))
@@ -153,23 +246,22 @@ class ChipCache:
                     rep.fallbacks += res[2] == ALIGNED_FALLBACK
                     rep.several_faces += res[3] > 1
                 if len(buf) >= SHARD_SIZE:
-                    self._write_shard(n0, buf, ident)
-                    n0 += 1
-                    buf = []
-                    self._save_bad(bad)
+                    flush()
                 if progress:
                     progress(done, len(items))
-            if buf:
-                self._write_shard(n0, buf, ident)
-            self._save_bad(bad)
+        except KeyboardInterrupt:
+            flush()
+            raise
         finally:
             if pool is not None:
                 pool.terminate()
+        flush()
         return rep
 
-    def _write_shard(self, n: int, buf, ident) -> None:
+    def _write_shard(self, name: str, buf, ident, stamps) -> None:
         h, w = self.template.size
-        with atomic_output(self.dir / f"chips-{n:05d}.h5") as tmp:
+        final = self.dir / f"chips-{name}.h5"
+        with atomic_output(final, shared=True) as tmp:
             with open_for_writing(tmp) as f:
                 wr = ChipsWriter(f, self.template.name, (h, w), str(self.root), synthetic=False)
                 wr.add(
@@ -180,6 +272,10 @@ class ChipCache:
                     [r[2] for _, r in buf],
                 )
                 wr.close()
+                f.create_dataset(STAMP, data=np.array([stamps[rel] for rel, _ in buf], np.int64).reshape(-1, 3))
+        mtime_ns = final.stat().st_mtime_ns
+        for i, (rel, _) in enumerate(buf):
+            self._resolved[rel] = CacheEntry(final, i, tuple(stamps[rel]), mtime_ns)
 
     def ensure_and_load(self, items: list[FaceItem], skipped: list[Skipped] = (), workers: int = 1,
                         progress=None, what: str = "the images") -> tuple[Chips, AlignReport]:
@@ -193,9 +289,22 @@ class ChipCache:
             raise BadInputError(f"none of {what} could be read")
         return self.load(good), rep
 
+    def _lookup(self, sources: list[str]) -> dict[str, CacheEntry]:
+        """The entry to read for each source: the one ``ensure`` chose, else the newest fresh one, else the newest."""
+        missing = [s for s in dict.fromkeys(sources) if s not in self._resolved]
+        if not missing:
+            return self._resolved
+        entries = self.entries()
+        found = dict(self._resolved)
+        for s in missing:
+            st = stat_or_none(self.root / s)
+            cands = entries[s]
+            found[s] = next((e for e in reversed(cands) if e.fresh(st)), cands[-1])
+        return found
+
     def load(self, sources: list[str]) -> Chips:
         """Chips for ``sources`` (all cached), in that order; labels index the identities in order of appearance."""
-        idx = self.index()
+        idx = self._lookup(sources)
         h, w = self.template.size
         image = np.empty((len(sources), h, w, 3), np.uint8)
         landmarks = np.empty((len(sources), 5, 2), np.float32)
@@ -203,8 +312,8 @@ class ChipCache:
         ids = np.empty(len(sources), object)
         by_shard: dict[Path, list[tuple[int, int]]] = {}
         for out_i, s in enumerate(sources):
-            shard, row = idx[s]
-            by_shard.setdefault(shard, []).append((out_i, row))
+            e = idx[s]
+            by_shard.setdefault(e.shard, []).append((out_i, e.row))
         for shard, pairs in by_shard.items():
             with h5py.File(shard, "r") as f:
                 ident_names = f["identity"].asstr()[()]
@@ -277,18 +386,31 @@ def load_chips(
     if limit is not None and limit <= 0:
         raise BadInputError(f"--limit must be positive, got {limit}")
     if spec.synthetic:
-        return _synthetic_chips(spec, template, identities, limit, seed, progress)
+        chips, rep = _synthetic_chips(spec, template, identities, limit, seed, progress)
+        rep.warnings += missing_identities_warning(
+            identities, {identity_name(i) for i in range(spec.synthetic_identities)})
+        return chips, rep
     items, skipped = list_identity_folder(spec.root, identities)
+    found = {item.identity for item in items}
     items = select_items(items, limit, seed)
     if not items:
         raise BadInputError(f"no images found under {spec.root}" + (" for the given identities" if identities else ""))
-    return ChipCache(spec.root, template, cache_dir).ensure_and_load(
+    chips, rep = ChipCache(spec.root, template, cache_dir).ensure_and_load(
         items, skipped, workers, progress, what=f"the {len(items)} images under {spec.root}")
+    rep.warnings += missing_identities_warning(identities, found)
+    return chips, rep
+
+
+def missing_identities_warning(identities: set[str] | None, found: set[str], shown: int = 10) -> list[str]:
+    """``--identities`` names with no image in the data (a typo, another dataset's list): worth a warning."""
+    missing = sorted((identities or set()) - found)
+    if not missing:
+        return []
+    names = ", ".join(missing[:shown]) + (f", … ({len(missing) - shown} more)" if len(missing) > shown else "")
+    return [f"--identities: {len(missing)} of {len(identities)} names have no image in the data: {names}"]
 
 
 def _synthetic_chips(spec: DataSpec, template, identities, limit, seed, progress):
-    from pdsn_cli.data.synthetic import synthetic_faces
-
     faces = list(synthetic_faces(spec.synthetic_identities, spec.synthetic_images, seed=spec.synthetic_seed))
     if identities is not None:
         faces = [f for f in faces if f.identity in identities]
@@ -314,8 +436,6 @@ def _synthetic_chips(spec: DataSpec, template, identities, limit, seed, progress
 def export_chips(spec: DataSpec, template: str, out: Path, identities=None, limit=None, seed=0, workers=1,
                  progress=None) -> dict:
     """Write the aligned chips of a dataset to one chips HDF5 file (atomically)."""
-    from pdsn_cli.atomic import check_writable
-
     check_writable(out)
     chips, rep = load_chips(spec, template, identities, limit, seed, workers, progress=progress)
     with atomic_output(out) as tmp:
@@ -327,4 +447,4 @@ def export_chips(spec: DataSpec, template: str, out: Path, identities=None, limi
                        chips.source[s], chips.aligned_by[s])
             wr.close()
     return {"out": str(out), "data": spec.describe(), "template": template, "images": len(chips),
-            "identities": len(chips.identity), "align": rep.as_dict()}
+            "identities": len(chips.identity), "align": rep.as_dict(), "warnings": rep.warnings}

@@ -2,23 +2,33 @@
 
 Layout ``root/<identity>/<image>`` (LFW, CASIA-WebFace, ORL, VGGFace). A bad file never crashes a run: it is
 skipped and reported with the reason (zero-byte, truncated, not an image, too small, too large, unreadable).
+The memory an image needs is estimated from its header before any pixel is decoded, and the EXIF orientation
+of phone photos is applied, so every image is read upright.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pdsn_cli.errors import BadInputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp", ".gif"}
 #: refuse to decode images above this many pixels (a 20000×20000 header would need 1.2 GB)
 MAX_PIXELS = 40_000_000
+#: refuse to decode an image whose decoding would need more memory than this (estimated from the header;
+#: ``PDSN_MAX_IMAGE_MB`` overrides it). Every image under MAX_PIXELS in 8-bit RGB fits with room to spare.
+MAX_DECODE_BYTES = 1 << 30
 #: smaller images hold no usable face
 MIN_SIDE = 16
+#: the AR face database's original frames: header-less .raw files of this size (see ``read_raw``)
+RAW_WIDTH, RAW_HEIGHT = 768, 576
+RAW_BYTES = RAW_WIDTH * RAW_HEIGHT * 3  # 1,327,104
 
 
 class BadImage(Exception):
@@ -42,19 +52,45 @@ class Skipped:
         return {"path": self.path, "reason": self.reason}
 
 
+#: control characters (ESC, newline, BEL, C1 codes) shown as \\xNN: a file name must never drive the terminal
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
 def printable(name: str) -> str:
-    """A file name that survives UTF-8 output and HDF5 (non-UTF-8 bytes shown as \\xNN)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name that survives UTF-8 output and HDF5 and is safe on a terminal (non-UTF-8 bytes and control
+    characters shown as \\xNN)."""
+    try:
+        text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decoding produced
+        text = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.translate(_CONTROL_ESCAPES)
+
+
+def max_decode_bytes() -> int:
+    mb = os.environ.get("PDSN_MAX_IMAGE_MB", "").strip()
+    return int(float(mb) * 2**20) if mb else MAX_DECODE_BYTES
+
+
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Peak memory ``read_image`` needs for an image of this mode and size: the decoded pixels, an upright copy
+    (EXIF orientation), and the conversion to RGB uint8 (float arrays for 16-bit, float and transparent images)."""
+    per_pixel = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}.get(mode, len(mode))
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        convert = 8 + 8 + 1 + 3  # float64 copy, scaled copy, uint8, RGB
+    elif mode in ("RGBA", "LA", "PA", "P"):
+        convert = 4 + 16 + 12 + 3  # RGBA, float32 RGBA, float32 RGB, RGB
+    else:
+        convert = 3 + 3  # RGB, contiguous copy
+    return width * height * (2 * per_pixel + convert)
 
 
 def read_image(path: str | bytes | os.PathLike) -> np.ndarray:
-    """Decode any common image to RGB uint8 H×W×3, or raise BadImage with the reason.
+    """Decode any common image to upright RGB uint8 H×W×3, or raise BadImage with the reason.
 
-    Pillow reads the header first, so a decompression bomb is refused before any pixel is decoded, and its
-    strict decoder reports truncated files that OpenCV would silently pad with grey.
+    Pillow reads the header first, so a decompression bomb or an image that would need more than
+    ``max_decode_bytes()`` is refused before any pixel is decoded, and its strict decoder reports truncated files
+    that OpenCV would silently pad with grey. The EXIF orientation (JPEG, PNG, TIFF, WebP) is applied.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(os.fsdecode(path))  # bytes paths (non-UTF-8 names) become surrogate-escaped str
     try:
         size = path.stat().st_size
@@ -63,8 +99,6 @@ def read_image(path: str | bytes | os.PathLike) -> np.ndarray:
     if size == 0:
         raise BadImage("empty file (0 bytes)")
     if path.suffix.lower() == ".raw":  # the AR face database's header-less frames (no other .raw is decodable)
-        from pdsn_cli.data.ar import RAW_BYTES, read_raw
-
         if size == RAW_BYTES:
             return read_raw(path)
     try:
@@ -75,8 +109,12 @@ def read_image(path: str | bytes | os.PathLike) -> np.ndarray:
                     raise BadImage(f"image too large ({w}×{h} > {MAX_PIXELS:,} pixels)")
                 if min(w, h) < MIN_SIDE:
                     raise BadImage(f"image too small ({w}×{h})")
+                need, ceiling = decode_bytes(im.mode, w, h), max_decode_bytes()
+                if need > ceiling:
+                    raise BadImage(f"image too large to decode ({w}×{h} {im.mode} needs about {need / 2**20:,.0f} MB, "
+                                   f"over the per-image ceiling of {ceiling / 2**20:,.0f} MB; PDSN_MAX_IMAGE_MB raises it)")
                 im.load()
-                arr = _to_rgb8(im)
+                arr = _to_rgb8(_upright(im))
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -85,9 +123,44 @@ def read_image(path: str | bytes | os.PathLike) -> np.ndarray:
         raise BadImage(f"decompression bomb refused: {e}") from None
     except PermissionError:
         raise BadImage("permission denied") from None
+    except MemoryError:
+        raise BadImage("out of memory while decoding") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
     return arr
+
+
+def read_raw(path: str | os.PathLike) -> np.ndarray:
+    """One frame of the original release: 768×576, three whole colour planes (R, G, B) of 576 rows × 768
+    bytes, no header. Returns RGB uint8 576×768×3, or raises BadImage with the reason."""
+    path = Path(os.fsdecode(path))
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(RAW_BYTES + 1)
+    except PermissionError:
+        raise BadImage("permission denied") from None
+    except OSError as e:
+        raise BadImage(f"unreadable: {e.strerror or e}") from None
+    if len(data) != RAW_BYTES:
+        size = f"{len(data):,} bytes" if len(data) <= RAW_BYTES else f"more than {RAW_BYTES:,} bytes"
+        raise BadImage(f"not an AR .raw frame: {size}, expected {RAW_BYTES:,} "
+                       f"({RAW_WIDTH}×{RAW_HEIGHT} RGB planes, no header)")
+    planes = np.frombuffer(data, np.uint8).reshape(3, RAW_HEIGHT, RAW_WIDTH)
+    return np.ascontiguousarray(planes.transpose(1, 2, 0))
+
+
+def _upright(im):
+    """The image as it is meant to be seen: EXIF orientation 2–8 applied (a damaged EXIF block is ignored)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns of corrupt EXIF data on stderr: here it only means upright
+        try:
+            if im.getexif().get(0x0112, 1) not in (2, 3, 4, 5, 6, 7, 8):
+                return im
+            return ImageOps.exif_transpose(im)
+        except MemoryError:
+            raise
+        except Exception:  # Pillow raises many types on malformed EXIF; the pixels themselves are fine
+            return im
 
 
 def _to_rgb8(im) -> np.ndarray:

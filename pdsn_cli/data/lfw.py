@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdsn_cli.atomic import atomic_output, check_writable
 from pdsn_cli.errors import BadInputError, SchemaError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -147,7 +148,8 @@ def limit_pairs(pairs: list[Pair], n: int) -> list[Pair]:
     folds = sorted({p.fold for p in pairs})
     step = 2 * len(folds)
     if n < step:
-        raise BadInputError(f"--limit must be at least {step} ({len(folds)} folds x 1 matched + 1 mismatched pair)")
+        raise BadInputError(f"--limit-pairs must be at least {step} ({len(folds)} folds x 1 matched + 1 mismatched "
+                            f"pair), got {n}")
     if n >= len(pairs):
         return list(pairs)
     per_class = n // step
@@ -198,3 +200,13 @@ def identities_outside_pairs(data_root: str | os.PathLike, pairs: list[Pair]) ->
         if images:
             outside[entry.name] = images
     return outside
+
+
+def write_training_identities(data_root: str | os.PathLike, out: str | os.PathLike) -> dict[str, list[str]]:
+    """Write the identities that appear in no pair of ``DATA_ROOT/pairs.txt`` (PDSN's training identities), one
+    per line, to ``out``; return them with their images."""
+    check_writable(out)
+    ids = identities_outside_pairs(data_root, read_pairs(Path(data_root) / "pairs.txt", data_root))
+    with atomic_output(out) as tmp:
+        tmp.write_text("".join(f"{n}\n" for n in sorted(ids)), encoding="utf-8")
+    return ids

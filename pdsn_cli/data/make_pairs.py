@@ -1,7 +1,7 @@
 """``pdsn make-pairs``: aligned chips → (clean, occluded) pairs in HDF5.
 
-Work is cut into chunks of rows; each row's randomness is seeded by (seed, image, repeat, block), so the
-output does not depend on the number of workers, and an interrupted run resumed with ``--resume`` (or a file
+Work is cut into chunks of rows; each row's occluder is drawn by the one seeding rule of
+``pdsn_cli.occlusion.driver``, from (seed, variant, image · per_image + repeat), so the output does not depend on the number of workers, and an interrupted run resumed with ``--resume`` (or a file
 grown with ``--append``) holds exactly the rows a single uninterrupted run would have written.
 """
 
@@ -18,11 +18,15 @@ import h5py
 import numpy as np
 
 from pdsn_cli.data import pairs_h5
-from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps, partial_path
+from pdsn_cli.atomic import atomic_output, check_resumable, check_writable, interrupt_between_steps, partial_path
 from pdsn_cli.data.chip_cache import DataSpec, load_chips
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.data.faces import read_identity_list
 from pdsn_cli.data.h5util import open_for_writing
+from pdsn_cli.align.templates import get_template
+from pdsn_cli.occlusion.driver import OcclusionVariant, draw
+from pdsn_cli.occlusion.occluders import OCCLUDERS
+from pdsn_cli.report.tables import Result
 
 CHUNK = 256
 
@@ -42,7 +46,6 @@ class MakePairsConfig:
     workers: int = 1
     append: bool = False
     resume: bool = False
-    preview: Path | None = None
     cache_dir: Path | None = None
 
 
@@ -64,9 +67,6 @@ def parse_blocks(block: str | None, grid: int) -> list[int] | None:
 
 def validate(cfg: MakePairsConfig) -> list[tuple[str, int]]:
     """Check every argument before any work; returns the (kind, block) list each image gets."""
-    from pdsn_cli.align.aligner import get_template
-    from pdsn_cli.occlusion.occluders import OCCLUDERS
-
     t = get_template(cfg.template)
     if cfg.grid < 1 or min(t.size) // cfg.grid < 4:
         raise BadInputError(f"--grid {cfg.grid} does not fit the {t.size[0]}×{t.size[1]} {cfg.template} chip "
@@ -88,6 +88,7 @@ def validate(cfg: MakePairsConfig) -> list[tuple[str, int]]:
     else:
         specs = [("block", j) for j in blocks]
     check_writable(cfg.out)
+    check_resumable(cfg.out, partial_path(cfg.out), cfg.resume)
     if cfg.append and cfg.resume:
         raise BadInputError("--append and --resume do not go together")
     if cfg.append and not cfg.out.exists():
@@ -96,8 +97,6 @@ def validate(cfg: MakePairsConfig) -> list[tuple[str, int]]:
         with pairs_h5.open_pairs(cfg.out) as f:
             pairs_h5.check_compatible(f, cfg.out, grid=cfg.grid, template=cfg.template, height=t.size[0],
                                       width=t.size[1])
-    if cfg.preview is not None:
-        check_writable(cfg.preview)
     return specs
 
 
@@ -106,14 +105,11 @@ _CHIPS = None
 
 
 def _occlude_rows(args):
-    from pdsn_cli.occlusion.occluders import occlude
-
     rows, seed, grid = args
     out = []
-    for img_i, rep, kind, j in rows:
-        rng = np.random.default_rng([seed, img_i, rep, j + 1])
-        occ = occlude(_CHIPS.image[img_i], _CHIPS.landmarks[img_i], kind, rng, grid=grid,
-                      block=None if j < 0 else j)
+    for img_i, n, kind, j in rows:  # n: the row's index among the variant's rows (image · per_image + repeat)
+        occ = draw(_CHIPS.image[img_i], _CHIPS.landmarks[img_i], OcclusionVariant(kind, None if j < 0 else j),
+                   seed, n, grid)
         out.append((img_i, occ.image, occ.mask, occ.blocks, occ.kind, j))
     return out
 
@@ -127,7 +123,8 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
                             cfg.cache_dir, progress=align_progress)
     t_align = time.perf_counter() - t0
     _CHIPS = chips
-    jobs = [(i, k, kind, j) for i in range(len(chips)) for k in range(cfg.per_image) for kind, j in specs]
+    jobs = [(i, i * cfg.per_image + k, kind, j) for i in range(len(chips)) for k in range(cfg.per_image)
+            for kind, j in specs]
     attrs = dict(
         occluder=cfg.occluder or ("block" if cfg.block is not None else "random"),
         block_spec=str(cfg.block) if cfg.block is not None else "",
@@ -185,15 +182,7 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
             if pool is not None:
                 pool.terminate()
     secs = time.perf_counter() - t1
-    if cfg.preview is not None and preview:
-        from pdsn_cli.occlusion.occluders import contact_sheet
-
-        imgs, labels = [], []
-        for clean, occ, kind in preview[:16]:
-            imgs += [clean, occ]
-            labels += ["clean", kind]
-        contact_sheet(imgs, str(cfg.preview), cols=8, labels=labels)
-    return {
+    return Result({
         "out": str(cfg.out),
         "data": cfg.data.describe(),
         "synthetic": chips.synthetic,
@@ -209,11 +198,11 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
         "kinds": dict(kinds),
         "mean_occluded_fraction": mean_occ / cfg.grid**2,
         "align": rep.as_dict(),
+        "warnings": rep.warnings,
         "align_seconds": round(t_align, 3),
         "pair_seconds": round(secs, 3),
         "pairs_per_second": round((done - start) / secs, 1) if secs > 0 else None,
-        "preview": str(cfg.preview) if cfg.preview else None,
-    }
+    }, figures={"pairs": preview})  # the first (clean, occluded, kind) triples, for a --preview sheet
 
 
 def _resume_point(tmp: Path, cfg: MakePairsConfig, attrs: dict, h: int, w: int) -> int:

@@ -28,14 +28,19 @@ import h5py
 import numpy as np
 
 from pdsn_cli.atomic import atomic_output
-from pdsn_cli.eval.benchmark import CommonOptions, check_outputs, finish, occlude_chips, parse_occlusions, stages
+from pdsn_cli.data import ar
+from pdsn_cli.data import megaface as mf
 from pdsn_cli.data.chip_cache import ChipCache, default_cache_dir
-from pdsn_cli.device import resolve_device
-from pdsn_cli.errors import BadInputError, JobFailed
 from pdsn_cli.data.faces import FaceItem
-from pdsn_cli.trunks.features import embed_features, extract_features
 from pdsn_cli.data.h5util import open_for_writing
 from pdsn_cli.data.lfw import CENTRED_FACE
+from pdsn_cli.device import resolve_device
+from pdsn_cli.errors import BadInputError, JobFailed
+from pdsn_cli.eval.benchmark import CommonOptions, finish, stages
+from pdsn_cli.eval.recovery import add_recovery
+from pdsn_cli.eval.search import threshold_at_far, topk
+from pdsn_cli.occlusion.driver import OcclusionVariant, occlude_chips, parse_occlusions
+from pdsn_cli.pdsn.embedder import Embedder
 
 FAR = 1e-6
 HIST_BINS = 1 << 16  # threshold resolution 2/65536 ≈ 3e-5 in cosine
@@ -81,38 +86,39 @@ class DistractorFeatures:
         return self.feats[a:b].astype(np.float32)
 
     @classmethod
-    def build(cls, cache: ChipCache, sources: list[str], trunk, point: str, flip: bool, batch_size: int, device,
-              key: str, cache_dir: Path | None, progress=None) -> DistractorFeatures:
+    def build(cls, cache: ChipCache, sources: list[str], embedder: Embedder, key: str, cache_dir: Path | None,
+              progress=None) -> DistractorFeatures:
         folder = Path(cache_dir or default_cache_dir()) / "features"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"distractors-{key}.h5"
         if path.is_file():
             return cls(path)
-        shape = trunk.feature_shape(point)
-        shape = (2, *shape) if flip else shape
+        shape = embedder.trunk.feature_shape(embedder.point)
+        shape = (2, *shape) if embedder.flip else shape
         step = 1024
-        with atomic_output(path) as tmp:
+        with atomic_output(path, shared=True) as tmp:  # a cache entry: concurrent runs may write it too
             with open_for_writing(tmp) as f:
                 ds = f.create_dataset("features", (len(sources), *shape), np.float16,
                                       chunks=(min(64, max(1, len(sources))), *shape))
                 for a in range(0, len(sources), step):
                     chips = cache.load(sources[a:a + step])
-                    ds[a:a + len(chips)] = extract_features(trunk, chips.image, point, batch_size, device, flip=flip)
+                    ds[a:a + len(chips)] = embedder.features([chips.image])
                     if progress:
                         progress(min(a + step, len(sources)), len(sources))
         return cls(path)
 
 
 class MaskedGallery:
-    """The gallery seen by probes sharing one FDM: the real distractors embedded under that FDM, then synthetic
-    ones drawn from the same FDM's embedding distribution. Rows are produced on demand, chunk by chunk."""
+    """The gallery seen by probes sharing one FDM (``mask``; None: the baseline's unmasked gallery): the real
+    distractors embedded under that FDM, then synthetic ones drawn from the same FDM's embedding distribution.
+    Rows are produced on demand, chunk by chunk."""
 
-    def __init__(self, store: DistractorFeatures, n_real: int, trunk, point: str, mask, synthetic: int,
-                 model: str, seed: int, device, fit_rows: int = 50_000):
-        self.store, self.trunk, self.point, self.mask, self.device = store, trunk, point, mask, device
+    def __init__(self, store: DistractorFeatures, n_real: int, embedder: Embedder, mask, synthetic: int,
+                 model: str, seed: int, fit_rows: int = 50_000):
+        self.store, self.embedder, self.mask = store, embedder, mask
         self.n_real = n_real
         self.synthetic = synthetic
-        self.dim = trunk.embedding_dim
+        self.dim = embedder.trunk.embedding_dim
         self.seed = seed
         self.model = model
         self._block = (None, None)
@@ -129,7 +135,7 @@ class MaskedGallery:
         return self.n_real + self.synthetic
 
     def real_rows(self, a: int, b: int) -> np.ndarray:
-        return embed_features(self.trunk, self.store.read(a, b), self.point, self.mask, device=self.device)
+        return embed_side(self.embedder, self.store.read(a, b), self.mask)
 
     def _synthetic_block(self, k: int) -> np.ndarray:
         if self._block[0] != k:
@@ -181,8 +187,6 @@ class Tally:
         self.genuine.append(g[valid])
 
     def result(self) -> dict:
-        from pdsn_cli.eval.search import threshold_at_far
-
         if self.trials == 0:
             raise BadInputError("no trials: every probe identity needs at least two images")
         rate = self.hits / self.trials
@@ -197,19 +201,22 @@ class Tally:
         }
 
 
-def score_group(tally: Tally, probes: ProbeSide, idx: np.ndarray, e_probe: np.ndarray, gallery, trunk, point,
-                mask, device, chunk_rows: int | None = None) -> None:
-    """Search one group of probes (sharing one FDM) and count its trials."""
-    from pdsn_cli.eval.search import topk
+def embed_side(embedder: Embedder, feats: np.ndarray, mask) -> np.ndarray:
+    """Gallery-side embeddings: plain for the baseline (``mask`` None), else PDSN-masked by the probes' FDM."""
+    return embedder.plain(feats) if mask is None else embedder.masked(feats, mask)
 
+
+def score_group(tally: Tally, probes: ProbeSide, idx: np.ndarray, e_probe: np.ndarray, gallery, embedder: Embedder,
+                mask, chunk_rows: int | None = None) -> None:
+    """Search one group of probes (sharing one FDM, ``mask``) and count its trials."""
     res = topk(e_probe, gallery, tally.ranks, sizes=tally.sizes, histogram_bins=HIST_BINS, chunk_rows=chunk_rows,
-               device=device)
+               device=embedder.device)
     tally.hist = res.hist if tally.hist is None else tally.hist + res.hist
     labels = probes.chips.label[idx]
     for c in np.unique(labels):
         sel = np.flatnonzero(labels == c)
         imgs = probes.by_id[c]
-        e_gal = embed_features(trunk, probes.feats[imgs], point, mask, device=device)
+        e_gal = embed_side(embedder, probes.feats[imgs], mask)
         g = e_probe[sel] @ e_gal.T
         valid = idx[sel][:, None] != imgs[None, :]
         tally.add(res.scores[:, sel, :], g, valid)
@@ -217,8 +224,6 @@ def score_group(tally: Tally, probes: ProbeSide, idx: np.ndarray, e_probe: np.nd
 
 # ---- the run ------------------------------------------------------------------------------------------------
 def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
-    from pdsn_cli.data import megaface as mf
-
     t0 = time.perf_counter()
     device = resolve_device(cfg.gpu)
     if cfg.synthetic_model not in ("gaussian", "uniform"):
@@ -227,10 +232,9 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         raise BadInputError("--synthetic-distractors must be ≥ 0")
     if not 1 <= cfg.ranks <= 100:
         raise BadInputError(f"--ranks must be in 1..100, got {cfg.ranks}")
-    models = cfg.load_models(device)
-    trunk, point, dictionary = models.trunk, models.point, models.dictionary
-    variants = parse_occlusions(cfg.occlusions, models.grid)
-    check_outputs(report=cfg.report)
+    embedder = cfg.load_embedder(device)
+    trunk, point, dictionary = embedder.trunk, embedder.point, embedder.dictionary
+    variants = parse_occlusions(cfg.occlusions, embedder.grid)
     stage = stages(progress)
 
     # the two sides of the protocol, as lists of images in their data roots
@@ -286,62 +290,54 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
 
     key = hashlib.sha1("|".join([str(dcache.dir), trunk.name, str(cfg.weights), point, str(cfg.flip),
                                  trunk.template] + dist_sources).encode()).hexdigest()[:16]
-    store = DistractorFeatures.build(dcache, dist_sources, trunk, point, cfg.flip, cfg.batch_size, device, key,
-                                     cfg.cache_dir, stage("distractor features"))
+    store = DistractorFeatures.build(dcache, dist_sources, embedder, key, cfg.cache_dir, stage("distractor features"))
     by_id = [np.flatnonzero(pchips.label == c) for c in range(len(pchips.identity))]
-    probes = ProbeSide(pchips, extract_features(trunk, pchips.image, point, cfg.batch_size, device, flip=cfg.flip,
-                                                progress=stage("probe features")), by_id)
+    probes = ProbeSide(pchips, embedder.features([pchips.image], stage("probe features")), by_id)
     if not np.isfinite(probes.feats).all():
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
 
     def gallery(mask):
-        # masked galleries embed through the dictionary's fine-tuned head when it has one
-        t = trunk if mask is None else models.masked_trunk
-        return MaskedGallery(store, len(dist_sources), t, point, mask, n_syn, cfg.synthetic_model, cfg.seed, device)
+        return MaskedGallery(store, len(dist_sources), embedder, mask, n_syn, cfg.synthetic_model, cfg.seed)
 
     rows, cmc_curves, shown = [], {}, {}
     all_idx = np.arange(len(pchips))
     for vi, variant in enumerate(variants):
-        occ_chips, occ = occlude_chips(pchips, all_idx, variant, models.grid, cfg.seed)
-        f_occ = probes.feats if variant == "none" else extract_features(
-            trunk, occ_chips, point, cfg.batch_size, device, flip=cfg.flip, progress=stage(f"{variant} features"))
-        shown[variant] = occ_chips[:: max(1, len(occ_chips) // 8)][:8]
+        occ_chips, occ = occlude_chips(pchips, all_idx, variant, embedder.grid, cfg.seed)
+        f_occ = probes.feats if variant.is_clean else embedder.features([occ_chips], stage(f"{variant.name} features"))
+        shown[variant.name] = occ_chips[:: max(1, len(occ_chips) // 8)][:8]
         base = Tally(sizes, cfg.ranks)
-        score_group(base, probes, all_idx, embed_features(trunk, f_occ, point, device=device), gallery(None),
-                    trunk, point, None, device)
+        score_group(base, probes, all_idx, embedder.plain(f_occ), gallery(None), embedder, None)
         results = {"baseline": (base, {})}
         if dictionary is not None:
-            blocks = models.occluded_blocks(occ_chips, occ, cfg.block_threshold).reshape(len(all_idx), -1)
+            blocks = embedder.occluded_blocks(occ_chips, occ).reshape(len(all_idx), -1)
             combos, which = np.unique(blocks, axis=0, return_inverse=True)
             which = which.ravel()
             tally, empty = Tally(sizes, cfg.ranks), 0
             for ci, combo in enumerate(combos):
                 idx = np.flatnonzero(which == ci)
-                mask, e = dictionary.masks_for(combo[None], flip=cfg.flip)
+                mask, e = embedder.masks(combo[None])
                 mask = mask[0]
                 empty += e * len(idx)
-                e_p = embed_features(models.masked_trunk, f_occ[idx], point, mask, device=device)
-                score_group(tally, probes, idx, e_p, gallery(mask), models.masked_trunk, point, mask, device)
+                score_group(tally, probes, idx, embedder.masked(f_occ[idx], mask), gallery(mask), embedder, mask)
                 if progress:
-                    progress(f"{variant}: PDSN masks", ci + 1, len(combos))
+                    progress(f"{variant.name}: PDSN masks", ci + 1, len(combos))
             results["pdsn"] = (tally, {"occlusion_source": cfg.occlusion_source, "distinct_fdms": len(combos),
                                        "blocks_marked": float(blocks.mean()), "all_discarded_fallbacks": empty})
         for method, (t, extra) in results.items():
             r = t.result()
-            rows.append({"method": method, "occlusion": variant, **r, **extra})
-            cmc_curves[f"{method} / {variant}"] = {"sizes": sizes, "rank1": [r["rank1"][str(n)] for n in sizes],
+            rows.append({"method": method, "occlusion": variant.name, "block": variant.block, **r, **extra})
+            cmc_curves[f"{method} / {variant.name}"] = {"sizes": sizes, "rank1": [r["rank1"][str(n)] for n in sizes],
                                                    "ranks": list(range(1, cfg.ranks + 1)),
                                                    "cmc_at_largest": r["cmc_at_largest"]}
         if progress:
             progress("occlusions", vi + 1, len(variants))
-    _add_recovery(rows, str(sizes[-1]))
+    add_recovery(rows, lambda r, largest=str(sizes[-1]): r["rank1"][largest])  # at the largest gallery
     exported = None
     if cfg.export_devkit is not None:
-        exported = export_devkit(cfg, probes, pchips, store, dist_sources, trunk, point, device, variants,
-                                 models.grid, lists)
+        exported = export_devkit(cfg, probes, pchips, store, dist_sources, embedder, variants, lists)
     result = {
         "dataset": cfg.dataset,
-        **models.header(),
+        **embedder.header(),
         "probes": len(pchips),
         "probe_identities": len(pchips.identity),
         "real_distractors": len(dist_sources),
@@ -354,40 +350,25 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         "results": rows,
         "devkit_export": exported,
     }
-    return finish(result, models, cfg.report, t0, f"{cfg.dataset} — {trunk.name}", cmc=cmc_curves, probes=shown)
+    return finish(result, embedder, t0, f"{cfg.dataset} — {trunk.name}", cmc=cmc_curves, probes=shown)
 
 
-def _add_recovery(rows: list[dict], largest: str) -> None:
-    """recovery of rank-1 at the largest gallery: (PDSN − baseline_occ) / (baseline_clean − baseline_occ)."""
-    clean = next((r["rank1"][largest] for r in rows if r["method"] == "baseline" and r["occlusion"] == "none"), None)
-    if clean is None:
-        return
-    base = {r["occlusion"]: r["rank1"][largest] for r in rows if r["method"] == "baseline"}
-    for r in rows:
-        if r["method"] == "pdsn" and r["occlusion"] != "none":
-            lost = clean - base[r["occlusion"]]
-            r["recovery"] = float((r["rank1"][largest] - base[r["occlusion"]]) / lost) if lost > 1e-9 else None
-
-
-def export_devkit(cfg, probes, pchips, store, dist_sources, trunk, point, device, variants, grid, lists):
+def export_devkit(cfg, probes, pchips, store, dist_sources, embedder: Embedder, variants, lists):
     """Baseline features in the devkit's layout, one folder per occlusion variant (probes) plus the clean
     distractors, and the template lists they answer to. PDSN cannot be expressed there: its gallery depends on the
     probe's FDM, and the official scorer compares one fixed vector per image."""
-    from pdsn_cli.data import megaface as mf
-
     out = Path(cfg.export_devkit)
-    suffix = mf.devkit_suffix(trunk.name)
-    g = MaskedGallery(store, len(dist_sources), trunk, point, None, 0, "gaussian", cfg.seed, device)
+    suffix = mf.devkit_suffix(embedder.trunk.name)
+    g = MaskedGallery(store, len(dist_sources), embedder, None, 0, "gaussian", cfg.seed)
     n = 0
     for a in range(0, len(dist_sources), 4096):
         e = g.read(a, min(a + 4096, len(dist_sources)))
         n += mf.export_features(out / "megaface", dist_sources[a:a + len(e)], e, suffix)
     for variant in variants:
-        occ_chips, _ = occlude_chips(pchips, np.arange(len(pchips)), variant, grid, cfg.seed)
-        f = probes.feats if variant == "none" else extract_features(trunk, occ_chips, point, cfg.batch_size, device,
-                                                                    flip=cfg.flip)
-        n += mf.export_features(out / f"facescrub-{variant.replace(':', '')}", pchips.source,
-                                embed_features(trunk, f, point, device=device), suffix)
+        occ_chips, _ = occlude_chips(pchips, np.arange(len(pchips)), variant, embedder.grid, cfg.seed)
+        f = probes.feats if variant.is_clean else embedder.features([occ_chips])
+        n += mf.export_features(out / f"facescrub-{variant.name.replace(':', '')}", pchips.source,
+                                embedder.plain(f), suffix)
     if lists is None:
         lists = {s: dist_sources[:s] for s in mf.gallery_sizes(len(dist_sources))}
     have = set(dist_sources)  # images that could not be read have no feature file: keep the lists consistent
@@ -423,26 +404,21 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
     photo. ``oracle``: AR has no pixel masks, so the blocks are those the toolkit's own occluder of the probe's
     kind (sunglasses, scarf) covers when placed on that probe's landmarks — the kind is known, the shape is not.
     """
-    from pdsn_cli.data import ar
-    from pdsn_cli.occlusion.occluders import occlude
-
     t0 = time.perf_counter()
     device = resolve_device(cfg.gpu)
     if cfg.data_dir is None:
         raise BadInputError("--dataset ar needs --data-dir (the folder holding the AR images)")
     if not 1 <= cfg.ranks <= 100:
         raise BadInputError(f"--ranks must be in 1..100, got {cfg.ranks}")
-    models = cfg.load_models(device)
-    trunk, point, dictionary = models.trunk, models.point, models.dictionary
-    check_outputs(report=cfg.report)
+    embedder = cfg.load_embedder(device)
+    trunk, dictionary = embedder.trunk, embedder.dictionary
     stage = stages(progress)
     images = ar.scan(cfg.data_dir)
     proto = ar.protocol(images, cfg.protocol)
     chips, rep = ChipCache(cfg.data_dir, trunk.template, cfg.cache_dir).ensure_and_load(
         ar.ar_items(proto), workers=cfg.workers, progress=stage("align"), what="the AR protocol's images")
     pos = chips.index_of_source()
-    feats = extract_features(trunk, chips.image, point, cfg.batch_size, device, flip=cfg.flip,
-                             progress=stage("features"))
+    feats = embedder.features([chips.image], stage("features"))
     if not np.isfinite(feats).all():
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
     subject = np.array([chips.identity[c] for c in chips.label])
@@ -453,33 +429,28 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
         if len(p_idx) == 0:
             continue
         shown[kind] = chips.image[p_idx[:8]]
-        results = {"baseline": closed_set_ranks(
-            embed_features(trunk, feats[p_idx], point, device=device),
-            embed_features(trunk, feats[g_idx], point, device=device), subject[g_idx], subject[p_idx], cfg.ranks)}
+        results = {"baseline": closed_set_ranks(embedder.plain(feats[p_idx]), embedder.plain(feats[g_idx]),
+                                                subject[g_idx], subject[p_idx], cfg.ranks)}
         extra = {}
         if dictionary is not None:
-            occ = np.zeros((len(p_idx), models.grid, models.grid), np.float32)
-            if models.detector is None:
-                for n, i in enumerate(p_idx):
-                    occ[n] = occlude(chips.image[i], chips.landmarks[i], kind, np.random.default_rng([cfg.seed, n]),
-                                     grid=models.grid).blocks
-            blocks = models.occluded_blocks(chips.image[p_idx], occ, cfg.block_threshold).reshape(len(p_idx), -1)
+            # oracle: the blocks the toolkit's own occluder of the probe's kind covers on that probe
+            occ = None if embedder.detector is not None else \
+                occlude_chips(chips, p_idx, OcclusionVariant(kind), embedder.grid, cfg.seed)[1]
+            blocks = embedder.occluded_blocks(chips.image[p_idx], occ).reshape(len(p_idx), -1)
             combos, which = np.unique(blocks, axis=0, return_inverse=True)
             which = which.ravel()
             hits = np.zeros(cfg.ranks, np.int64)
             for ci, combo in enumerate(combos):
                 sel = p_idx[which == ci]
-                mask = dictionary.masks_for(combo[None], flip=cfg.flip)[0][0]
-                mt = models.masked_trunk
-                hits += closed_set_ranks(embed_features(mt, feats[sel], point, mask, device=device),
-                                         embed_features(mt, feats[g_idx], point, mask, device=device),
+                mask = embedder.masks(combo[None])[0][0]
+                hits += closed_set_ranks(embedder.masked(feats[sel], mask), embedder.masked(feats[g_idx], mask),
                                          subject[g_idx], subject[sel], cfg.ranks)
             results["pdsn"] = hits
             extra = {"occlusion_source": cfg.occlusion_source, "distinct_fdms": len(combos),
                      "blocks_marked": float(blocks.mean())}
         for method, hits in results.items():
             cmc = hits / len(p_idx)
-            rows.append({"method": method, "occlusion": kind, "rank1": float(cmc[0]),
+            rows.append({"method": method, "occlusion": kind, "block": None, "rank1": float(cmc[0]),
                          "cmc": [float(v) for v in cmc], "probes": int(len(p_idx)),
                          **(extra if method == "pdsn" else {})})
             cmc_curves[f"{method} / {kind}"] = {"sizes": [len(np.unique(subject[g_idx]))], "rank1": [float(cmc[0])],
@@ -487,11 +458,11 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
                                                 "cmc_at_largest": [float(v) for v in cmc]}
     result = {
         "dataset": f"ar protocol {proto.number}",
-        **models.header(),
+        **embedder.header(),
         "protocol": proto.summary(),
         "align": rep.as_dict(),
         "skipped_files": rep.as_dict()["skipped_files"],
         "results": rows,
     }
-    return finish(result, models, cfg.report, t0, f"AR protocol {proto.number} — {trunk.name}", cmc=cmc_curves,
+    return finish(result, embedder, t0, f"AR protocol {proto.number} — {trunk.name}", cmc=cmc_curves,
                   probes=shown)

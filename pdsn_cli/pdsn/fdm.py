@@ -15,17 +15,19 @@ At test time the FDM of an image is the logical AND of the entries of its occlud
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pdsn_cli.atomic import atomic_output, check_writable
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.data.h5util import open_checked, open_for_writing, stamp
-from pdsn_cli.report.markdown import plot_dict
+from pdsn_cli.pdsn.mask_generator import load_blocks_file
 
 KIND = "fdm-dict"
 SCHEMA = 1
@@ -48,10 +50,6 @@ class FdmDict:
         """The trunk PDSN embeddings run through: a copy with the fine-tuned head, or ``trunk`` itself."""
         if not self.head:
             return trunk
-        import copy
-
-        import torch
-
         own = trunk.state_dict()
         wrong = [k for k, v in self.head.items() if k not in own or tuple(own[k].shape) != v.shape]
         if wrong:
@@ -126,17 +124,15 @@ def block_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def build(inputs: list[Path], out: Path, tau: float = 0.25, plot: Path | None = None) -> dict:
-    from pdsn_cli.train.blocks import load_blocks_file
-
+def build(inputs: list[Path], out: Path, tau: float = 0.25) -> dict:
     if not 0.0 < tau < 1.0:
         raise BadInputError(f"--tau must be in (0, 1), got {tau}")
     check_writable(out)
-    if plot is not None:
-        check_writable(plot)
     files = block_files(inputs)
     first = None
     means: dict[int, np.ndarray] = {}
+    source: dict[int, Path] = {}
+    overridden: dict[tuple[Path, Path], list[int]] = {}  # (earlier file, later file) -> blocks the later one wins
     for path in files:
         st = load_blocks_file(path)
         _check_blocks_file(st, path)
@@ -148,6 +144,9 @@ def build(inputs: list[Path], out: Path, tau: float = 0.25, plot: Path | None = 
             raise SchemaError(f"{path} does not match the other block files ({diff})")
         for k, j in enumerate(st["blocks"]):
             means[int(j)] = st["mean_masks"][k].numpy()  # a later file overrides an earlier one
+            if int(j) in source:
+                overridden.setdefault((source[int(j)], path), []).append(int(j))
+            source[int(j)] = path
     grid = int(first["grid"])
     shape = tuple(first["feature_shape"])
     mean = np.ones((grid * grid, *shape), np.float32)
@@ -164,9 +163,6 @@ def build(inputs: list[Path], out: Path, tau: float = 0.25, plot: Path | None = 
             f.create_dataset("fdm", data=fdm, compression="gzip")
             f.create_dataset("mean_mask", data=mean, compression="gzip")
             f.create_dataset("trained", data=trained)
-    d = load(out)
-    if plot is not None:
-        plot_dict(d, plot)
     discarded = (~fdm.reshape(grid * grid, -1)).sum(1)
     overlap = _mean_pairwise_iou(fdm[trained])
     return {
@@ -174,14 +170,13 @@ def build(inputs: list[Path], out: Path, tau: float = 0.25, plot: Path | None = 
         "feature_shape": list(shape), "blocks_trained": int(trained.sum()), "missing_blocks":
         [int(j) for j in np.flatnonzero(~trained)], "discarded_per_block": discarded.tolist(),
         "mean_pairwise_discard_iou": overlap, "sources": [str(p) for p in files],
-        "plot": str(plot) if plot else None,
+        "warnings": [f"block(s) {', '.join(map(str, js))} trained in both {old} and {new}: {new.name} is used "
+                     f"(files are read in name order, a later one wins)" for (old, new), js in overridden.items()],
     }
 
 
 def _check_blocks_file(st: dict, path: Path) -> None:
     """The entries build reads, and that they agree with each other (blocks on the grid, one mask per block)."""
-    import torch
-
     missing = [k for k in ("trunk", "mask_point", "grid", "template", "feature_shape", "blocks", "mean_masks")
                if k not in st]
     if missing:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pdsn_cli.errors import BadInputError
+from pdsn_cli.trunks.features import to_input
 
 MAX_ROTATION_DEGREES = 3.0
 MIN_OBJECT_HEIGHT, MAX_OBJECT_HEIGHT = 0.97, 0.99999
@@ -84,8 +85,6 @@ def embed_jittered(trunk, chips: np.ndarray, sources: list[str], n: int, seed: i
                    device: torch.device | None = None, normalize: bool = True, progress=None) -> np.ndarray:
     """Mean of the trunk's raw embeddings over ``n`` jittered views of every chip (dlib's ``num_jitters``),
     then L2-normalised unless ``normalize`` is False (dlib compares the raw means by Euclidean distance)."""
-    from pdsn_cli.trunks.features import to_input
-
     if n < 1:
         raise BadInputError(f"--jitter must be ≥ 1, got {n}")
     device = device or torch.device("cpu")

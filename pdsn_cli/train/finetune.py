@@ -17,9 +17,9 @@ not. The output is the dictionary file again, plus the head's weights (group ``h
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +27,19 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from pdsn_cli.pdsn import fdm as fdm_mod
+from pdsn_cli.atomic import atomic_output, check_distinct_paths, check_resumable, check_writable
 from pdsn_cli.data import pairs_h5
-from pdsn_cli.atomic import atomic_output, check_writable
-from pdsn_cli.device import resolve_device
-from pdsn_cli.errors import BadInputError, JobFailed, SchemaError, check_training_options
-from pdsn_cli.trunks.features import as_tensor, embed_features, extract_features
-from pdsn_cli.trunks import build_trunk
-from pdsn_cli.train.blocks import cosface_logits
+from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
+from pdsn_cli.pdsn import fdm as fdm_mod
+from pdsn_cli.pdsn.embedder import Embedder
+from pdsn_cli.pdsn.mask_generator import cosface_logits
+from pdsn_cli.train.loop import Checkpoints, Processes, Task, train
+from pdsn_cli.train.splits import holdout_identities
+from pdsn_cli.trunks.features import as_tensor
+
+CHECKPOINT_FORMAT = "pdsn-finetune"
 
 
 @dataclass
@@ -56,6 +60,8 @@ class FinetuneConfig:
     holdout: float = 0.1  # share of identities held out for the reported distances
     seed: int = 0
     gpu: int | None = None
+    #: continue from the checkpoint ``<out>.ckpt`` of an interrupted run
+    resume: bool = False
 
 
 def head_parameters(trunk, point: str) -> dict[str, torch.nn.Parameter]:
@@ -73,63 +79,144 @@ def head_parameters(trunk, point: str) -> dict[str, torch.nn.Parameter]:
     return used
 
 
-def holdout_identities(names: list[str], share: float, seed: int) -> np.ndarray:
-    """Which of ``names`` are held out: the identities whose seeded name hashes are lowest (round(share × U) of the
-    U identities, at least one when share > 0, never all), so every pair of an identity — and every pair of one
-    source image — lands on the same side, whatever pairs file it comes from."""
-    uniq = sorted(set(names))
-    k = min(max(round(share * len(uniq)), 1 if share > 0 else 0), len(uniq) - 1)
-    key = seed.to_bytes(8, "little", signed=True)
-    held = set(sorted(uniq, key=lambda n: zlib.crc32(key + n.encode()))[:k])
-    return np.array([n in held for n in names], bool)
-
-
-def _pairs_features(trunk, point, dictionary, cfg, device, progress=None):
+def _pairs_features(embedder: Embedder, cfg, progress=None):
+    """Features of the clean and occluded chips of every pairs file, and the FDM of each pair's occluded blocks."""
+    trunk = embedder.trunk
     fc, fo, masks, names = [], [], [], []
     for path in cfg.pairs:
         p = pairs_h5.read_pairs(path, masks=False)
         if p.attrs["template"] != trunk.template:
             raise SchemaError(f"{path} holds {p.attrs['template']} chips, trunk {trunk.name} needs {trunk.template}")
-        if int(p.attrs["grid"]) != dictionary.grid:
-            raise SchemaError(f"{path} marks occlusions on a {p.attrs['grid']}-grid, the dictionary has {dictionary.grid}")
+        if int(p.attrs["grid"]) != embedder.grid:
+            raise SchemaError(f"{path} marks occlusions on a {p.attrs['grid']}-grid, the dictionary has {embedder.grid}")
         sel = np.arange(len(p))
         if cfg.max_pairs is not None and len(p) > cfg.max_pairs:
             sel = np.sort(np.random.default_rng(cfg.seed).permutation(len(p))[:cfg.max_pairs])
         cb = (lambda d, n, name=path.name: progress(f"features {name}", d, 2 * n)) if progress else None
-        fo.append(extract_features(trunk, p.occluded[sel], point, 64, device, progress=cb))
+        fo.append(embedder.features([p.occluded[sel]], progress=cb))
         cb2 = (lambda d, n, name=path.name: progress(f"features {name}", n + d, 2 * n)) if progress else None
-        fc.append(extract_features(trunk, p.clean[sel], point, 64, device, progress=cb2))
-        m, _ = dictionary.combine(p.blocks[sel] >= cfg.block_threshold)
+        fc.append(embedder.features([p.clean[sel]], progress=cb2))
+        m, _ = embedder.masks(embedder.occluded_blocks(p.occluded[sel], p.blocks[sel]))
         masks.append(m)
         names += [p.identity[k] for k in p.label[sel]]
     return np.concatenate(fc), np.concatenate(fo), np.concatenate(masks), names
 
 
+class _StudentHead(nn.Module):
+    """The student's head on several feature batches in one forward (one DDP forward per step)."""
+
+    def __init__(self, student, point: str):
+        super().__init__()
+        self.student, self.point = student, point
+
+    def forward(self, *features: torch.Tensor) -> list[torch.Tensor]:
+        return [self.student.head(x, self.point) for x in features]
+
+
+class _FinetuneTask(Task):
+    """One step: a batch of pairs, the three distillation distances (+ the identity term); the head kept is that
+    of the epoch whose held-out distances are lowest. Under torchrun each process takes every WORLD_SIZE-th pair
+    of the global batch."""
+
+    def __init__(self, cfg: FinetuneConfig, student, point: str, trained: dict, tensors, label, centres,
+                 tr: np.ndarray, ho: np.ndarray, procs: Processes, log):
+        self.cfg, self.student, self.point, self.trained, self.procs, self.log = cfg, student, point, trained, procs, log
+        self.FC, self.FO, self.M, self.T = tensors
+        self.label, self.centres, self.tr, self.ho = label, centres, tr, ho
+        self.model, self.modules = _StudentHead(student, point), {"student": student}
+        self.epochs, self.steps_per_epoch = cfg.epochs, int(np.ceil(len(tr) / cfg.batch_size))
+        self.use_id = cfg.identity_weight > 0
+        self.history: list[dict] = []
+        self.best = None  # (held-out score, epoch, head state)
+
+    def distances(self, idx, with_identity: bool = False, model=None) -> torch.Tensor:
+        """1 − cos to the clean embedding of: masked occluded, masked clean, unmasked clean (each a mean); with
+        ``with_identity`` also the CosFace loss of the two masked embeddings among the training identities."""
+        m, t = self.M[idx], self.T[idx]
+        model = model or self.model
+        outs = [F.normalize(e, dim=1) for e in model(self.FO[idx] * m, self.FC[idx] * m, self.FC[idx])]
+        d = [(1 - (o * t).sum(1)).mean() for o in outs]
+        if with_identity:
+            y = self.label[idx]
+            d.append(sum(F.cross_entropy(cosface_logits(o, self.centres, y, 30.0, 0.35), y) for o in outs[:2]) / 2)
+        return torch.stack(d)
+
+    @torch.no_grad()
+    def held_out(self) -> list[float]:
+        ho = self.ho
+        if len(ho) == 0:
+            return []
+        d = sum(self.distances(ho[a:a + 256]) * len(ho[a:a + 256]) for a in range(0, len(ho), 256)) / len(ho)
+        return [round(float(x), 5) for x in d]
+
+    def optimizer(self):
+        return torch.optim.Adam(self.trained.values(), lr=self.cfg.lr)
+
+    def plan(self, epoch):
+        return torch.from_numpy(np.random.default_rng([self.cfg.seed, epoch]).permutation(self.tr))
+
+    def step(self, model, plan, i):
+        b, procs = self.cfg.batch_size, self.procs
+        d = self.distances(plan[i * b:(i + 1) * b][procs.rank::procs.world], self.use_id, model)
+        loss = d[:3].sum() + (self.cfg.identity_weight * d[3] if self.use_id else 0)
+        return loss, torch.cat([loss.detach().view(1), d.detach()])
+
+    def end_epoch(self, epoch, stats, world):
+        total = torch.zeros(stats.shape[1] - 1, dtype=stats.dtype)
+        for row in stats:  # in step order, as a running sum
+            total += row[1:]
+        train_d = (total / world / self.steps_per_epoch).tolist()
+        self.history.append({"epoch": epoch + 1, "train": [round(x, 5) for x in train_d], "held_out": self.held_out()})
+        if self.log:
+            self.log(self.history[-1])
+        # the head kept is that of the epoch whose held-out identities' masked embeddings lie closest to their
+        # clean ones: on LFW's training identities it over-fits after 2-3 epochs (held-out distance rises again)
+        score = sum(self.history[-1]["held_out"][:2]) if self.history[-1]["held_out"] else -epoch
+        if self.best is None or score < self.best[0]:
+            self.best = (score, epoch + 1, {k: v.detach().float().cpu().numpy().copy()
+                                            for k, v in self.student.state_dict().items() if k in self.trained})
+
+    def state_dict(self):
+        best = None if self.best is None else [self.best[0], self.best[1],
+                                               {k: torch.from_numpy(v) for k, v in self.best[2].items()}]
+        return {"history": self.history, "best": best}
+
+    def load_state_dict(self, state):
+        self.history = list(state["history"])
+        b = state["best"]
+        self.best = None if b is None else (b[0], b[1], {k: v.numpy() for k, v in b[2].items()})
+
+
 def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
+    """Fine-tune the head; ``progress(stage, done, total)`` for the stages "features <file>" and "fine-tune"."""
+    with Processes(cfg.gpu) as procs:
+        return _finetune(cfg, procs, progress if procs.main else None, log if procs.main else None)
+
+
+def _finetune(cfg: FinetuneConfig, procs: Processes, progress, log) -> dict:
     t0 = time.perf_counter()
-    device = resolve_device(cfg.gpu)
+    device = procs.device
     check_writable(cfg.out)
+    check_resumable(cfg.out, str(cfg.out) + ".ckpt", cfg.resume)
     if not cfg.pairs:
         raise BadInputError("give at least one --pairs file (pdsn make-pairs) to fine-tune on")
     check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, holdout=cfg.holdout)
     if not cfg.identity_weight >= 0:
         raise BadInputError(f"--identity-weight must be ≥ 0, got {cfg.identity_weight}")
-    if Path(cfg.out).resolve() == Path(cfg.dict_path).resolve():
-        raise BadInputError("--out must be a new file: the input dictionary is kept as it is")
-    dictionary = fdm_mod.load(cfg.dict_path)
-    trunk = build_trunk(dictionary.trunk, cfg.weights).to(device)
-    point = trunk.check_point(dictionary.mask_point)
-    dictionary.check_features(trunk.feature_shape(point), cfg.dict_path)
+    check_distinct_paths({"--dict": cfg.dict_path, "--pairs": cfg.pairs, "--weights": cfg.weights}, {"--out": cfg.out})
+    # the student starts from the trunk's own head (embedder.trunk), not from a head the dictionary may carry
+    embedder = Embedder.load(None, cfg.weights, cfg.dict_path, device=device,
+                             block_threshold=cfg.block_threshold)
+    trunk, point = embedder.trunk, embedder.point
     torch.manual_seed(cfg.seed)
-    fc, fo, masks, names = _pairs_features(trunk, point, dictionary, cfg, device, progress)
-    teacher = F.normalize(torch.from_numpy(embed_features(trunk, fc, point, device=device, normalize=False)), dim=1)
+    fc, fo, masks, names = _pairs_features(embedder, cfg, progress)
+    teacher = F.normalize(torch.from_numpy(embedder.plain(fc, normalize=False)), dim=1)
     # eval mode: batch-norm statistics stay those of the trunk (masked batches would skew them), dropout off;
     # the BN affine parameters are still trained
     student = copy.deepcopy(trunk).eval()
     trained = head_parameters(student, point)
     for p in trained.values():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(trained.values(), lr=cfg.lr)
     FC, FO, M, T = (as_tensor(a, device) for a in (fc, fo, masks, teacher))
     n = len(FC)
     held = holdout_identities(names, cfg.holdout, cfg.seed)
@@ -143,74 +230,39 @@ def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
     centres = torch.zeros(len(ids), T.shape[1], device=device).index_add_(0, label[tr], T[tr].float())
     centres = F.normalize(centres, dim=1)
 
-    def distances(idx, with_identity: bool = False) -> torch.Tensor:
-        """1 − cos to the clean embedding of: masked occluded, masked clean, unmasked clean (each a mean); with
-        ``with_identity`` also the CosFace loss of the two masked embeddings among the training identities."""
-        m, t = M[idx], T[idx]
-        outs = [F.normalize(student.head(x, point), dim=1) for x in (FO[idx] * m, FC[idx] * m, FC[idx])]
-        d = [(1 - (o * t).sum(1)).mean() for o in outs]
-        if with_identity:
-            y = label[idx]
-            d.append(sum(F.cross_entropy(cosface_logits(o, centres, y, 30.0, 0.35), y) for o in outs[:2]) / 2)
-        return torch.stack(d)
-
-    @torch.no_grad()
-    def held_out() -> list[float]:
-        if len(ho) == 0:
-            return []
-        d = sum(distances(ho[a:a + 256]) * len(ho[a:a + 256]) for a in range(0, len(ho), 256)) / len(ho)
-        return [round(float(x), 5) for x in d]
-
-    before = held_out()
-    use_id = cfg.identity_weight > 0
-    best = None  # (held-out score, epoch, head state)
-    history = []
-    steps = int(np.ceil(len(tr) / cfg.batch_size))
-    for epoch in range(cfg.epochs):
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(tr)
-        total = torch.zeros(4 if use_id else 3, device=device)
-        for s in range(steps):
-            d = distances(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size], use_id)
-            opt.zero_grad(set_to_none=True)
-            (d[:3].sum() + (cfg.identity_weight * d[3] if use_id else 0)).backward()
-            opt.step()
-            total += d.detach()
-            if progress:
-                progress("fine-tune", epoch * steps + s + 1, cfg.epochs * steps)
-        train_d = (total / steps).tolist()
-        if not np.isfinite(train_d).all():
-            raise JobFailed(f"the fine-tuning loss became non-finite in epoch {epoch + 1}; lower --lr")
-        history.append({"epoch": epoch + 1, "train": [round(x, 5) for x in train_d], "held_out": held_out()})
-        if log:
-            log(history[-1])
-        # the head kept is that of the epoch whose held-out identities' masked embeddings lie closest to their
-        # clean ones: on LFW's training identities it over-fits after 2-3 epochs (held-out distance rises again)
-        score = sum(history[-1]["held_out"][:2]) if history[-1]["held_out"] else -epoch
-        if best is None or score < best[0]:
-            best = (score, epoch + 1, {k: v.detach().float().cpu().numpy().copy()
-                                       for k, v in student.state_dict().items() if k in trained})
-    _, best_epoch, state = best
-    with atomic_output(cfg.out) as tmp:
-        shutil.copyfile(cfg.dict_path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            if "head" in f:
-                del f["head"]
-            g = f.create_group("head")
-            for k, v in state.items():
-                g.create_dataset(k, data=v)
-            g.attrs.update(pairs=str([str(p) for p in cfg.pairs]), epochs=cfg.epochs, kept_epoch=best_epoch, lr=cfg.lr,
-                           batch_size=cfg.batch_size, seed=cfg.seed, trunk_weights=str(cfg.weights or ""),
-                           identity_weight=cfg.identity_weight,
-                           objective="cosine distillation to the frozen clean embedding"
-                           + (" + CosFace among the training identities" if use_id else ""))
-    fdm_mod.load(cfg.out)  # refuse to leave behind a file that does not load
+    task = _FinetuneTask(cfg, student, point, trained, (FC, FO, M, T), label, centres, tr, ho, procs, log)
+    before = task.held_out()
+    use_id = task.use_id
+    ckpt = Path(str(cfg.out) + ".ckpt")
+    settings = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "gpu", "resume")}
+    run = train(task, procs, Checkpoints(ckpt, CHECKPOINT_FORMAT, resume=cfg.resume, must_match=settings), progress,
+                stage="fine-tune")
+    _, best_epoch, state = task.best
+    if procs.main:
+        with atomic_output(cfg.out) as tmp:
+            shutil.copyfile(cfg.dict_path, tmp)
+            with h5py.File(tmp, "r+") as f:
+                if "head" in f:
+                    del f["head"]
+                g = f.create_group("head")
+                for k, v in state.items():
+                    g.create_dataset(k, data=v)
+                g.attrs.update(pairs=str([str(p) for p in cfg.pairs]), epochs=cfg.epochs, kept_epoch=best_epoch,
+                               lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, trunk_weights=str(cfg.weights or ""),
+                               identity_weight=cfg.identity_weight,
+                               objective="cosine distillation to the frozen clean embedding"
+                               + (" + CosFace among the training identities" if use_id else ""))
+        fdm_mod.load(cfg.out)  # refuse to leave behind a file that does not load
+        ckpt.unlink(missing_ok=True)
+    procs.barrier()
     return {
         "out": str(cfg.out), "dictionary": str(cfg.dict_path), "trunk": trunk.name, "mask_point": point,
-        "pairs": int(n), "held_out_pairs": int(len(ho)), "held_out_identities": len({names[i] for i in ho}), "head_parameters": sorted(state),
+        "pairs": int(n), "held_out_pairs": int(len(ho)), "held_out_identities": len({names[i] for i in ho}),
+        "head_parameters": sorted(state),
         "head_parameter_count": int(sum(v.size for v in state.values())), "epochs": cfg.epochs,
-        "held_out_before": before, "history": history, "kept_epoch": best_epoch,
+        "held_out_before": before, "history": task.history, "kept_epoch": best_epoch,
         "distance_names": ["masked occluded", "masked clean", "unmasked clean"],
         "train_loss_names": ["masked occluded", "masked clean", "unmasked clean"] + (["identity"] if use_id else []),
-        "identity_weight": cfg.identity_weight,
+        "identity_weight": cfg.identity_weight, "resumed_from": run.resumed_from,
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -1,5 +1,5 @@
-"""One process, or one of WORLD_SIZE processes started by ``torchrun``: the data-parallel plumbing that
-``train-trunk`` and ``train-block`` share (gloo on the CPU, NCCL on GPUs)."""
+"""One process, or one of WORLD_SIZE processes started by ``torchrun``: the data-parallel plumbing of the training
+loop (gloo on the CPU, NCCL on GPUs), shared by every trainer."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from pdsn_cli.device import resolve_device
 
@@ -35,6 +36,13 @@ class Processes:
             dist.init_process_group(backend, rank=self.rank, world_size=self.world)
             self.owns_group = True
 
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
     @property
     def main(self) -> bool:
         return self.rank == 0
@@ -51,12 +59,26 @@ class Processes:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` in DDP under torchrun (gradients averaged over the processes), as it is otherwise."""
+        if not self.distributed:
+            return module
+        return DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None)
+
     def share_buffers(self, module: torch.nn.Module) -> None:
         """Rank 0's buffers (batch-norm running statistics) in every process: DDP copies them at the start of each
         forward, so after the last step each process holds its own."""
         if self.distributed:
             for b in module.buffers():
                 dist.broadcast(b, 0)
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``t`` in every process."""
+        if self.distributed:
+            moved = t.to(self.device)
+            dist.broadcast(moved, 0)
+            return moved.to(t.device)
+        return t
 
     def gather(self, obj) -> list:
         if not self.distributed:

@@ -18,11 +18,7 @@ CUDA, a DistributedSampler shard per process, the batch size split between proce
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import signal
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +31,21 @@ from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
 from pdsn_cli.accel import prepare_module
+from pdsn_cli.atomic import check_resumable
 from pdsn_cli.device import seed_everything
-from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
+from pdsn_cli.data import pairs_h5
+from pdsn_cli.data.chips_h5 import read_chips
+from pdsn_cli.data.h5util import read_strings
+from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.train.heads import build_head, head_names
+from pdsn_cli.train.loop import Checkpoints, Processes, StepLR, Task, train
+from pdsn_cli.train.splits import split_identities
 from pdsn_cli.trunks import build_trunk, trunk_names
-from pdsn_cli.trunks.checkpoint import load_checkpoint, save_checkpoint
-from pdsn_cli.train.processes import Processes
+from pdsn_cli.trunks.checkpoint import save_checkpoint
 
-#: on CUDA the host reads the step losses this often (and at every checkpoint and epoch end)
-SYNC_EVERY = 25
 CHECKPOINT_NAME = "checkpoint.pt"
 TRUNK_NAME = "trunk.pt"
 CHECKPOINT_FORMAT = "pdsn-train-trunk"
-CHECKPOINT_VERSION = 1
 
 #: config fields that must match for a resumed run to continue the same trajectory
 RESUME_MUST_MATCH = (
@@ -117,14 +115,9 @@ def read_training_images(path: str | os.PathLike) -> TrainData:
     except OSError as e:
         raise SchemaError(f"{path} is not a readable HDF5 file (truncated or foreign?): {e}") from None
     if kind == "chips":
-        from pdsn_cli.data.chips_h5 import read_chips
-
         chips = read_chips(path)
         return TrainData(chips.image, chips.label.astype(np.int64), chips.template, "chips")
     if kind == "pairs":
-        from pdsn_cli.data import pairs_h5
-        from pdsn_cli.data.h5util import read_strings
-
         with pairs_h5.open_pairs(path) as f:
             # a pairs file repeats each clean chip once per occluded copy; train (and hold out) each once,
             # or held-out "same identity" pairs could be an image against itself
@@ -134,20 +127,6 @@ def read_training_images(path: str | os.PathLike) -> TrainData:
                 f["clean"][rows], f["label"][rows].astype(np.int64), str(f.attrs.get("template", "")), "pairs"
             )
     raise SchemaError(f"{path} is neither a pdsn chips nor a pairs file (pdsn_kind={kind!r})")
-
-
-def split_identities(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (train, held out): a seeded ``holdout`` fraction of the identities with ≥ 2 images."""
-    ids, counts = np.unique(labels, return_counts=True)
-    held = np.zeros(0, labels.dtype)
-    if holdout > 0:
-        eligible = ids[counts >= 2]
-        n = min(max(2, round(holdout * len(ids))), len(eligible))
-        # training needs ≥ 2 classes and the check needs ≥ 2 identities to build negative pairs
-        if n >= 2 and len(ids) - n >= 2:
-            held = np.sort(np.random.default_rng(seed).choice(eligible, n, replace=False))
-    is_held = np.isin(labels, held)
-    return ~is_held, is_held
 
 
 def make_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,29 +167,6 @@ def embed(trunk: nn.Module, images: np.ndarray, device: torch.device, batch: int
         out.append(F.normalize(trunk(x).float(), dim=1).cpu())
     trunk.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
-
-
-class _StopFlag:
-    """SIGINT asks the loop to stop at the next step boundary (checkpoint, then KeyboardInterrupt)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 class _TrainNet(nn.Module):
@@ -257,36 +213,77 @@ def _validate(cfg: TrainTrunkConfig, world: int) -> None:
         raise BadInputError(f"batch size {cfg.batch_size} leaves < 2 images per process (BatchNorm needs 2)")
 
 
-def _check_resumable(ckpt: dict, cfg: TrainTrunkConfig, world: int, path: Path) -> None:
-    if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise SchemaError(f"{path} is not a train-trunk checkpoint of this version")
-    saved = ckpt["config"]
-    now = cfg.plain()
-    diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
-    if diff:
-        raise BadInputError(f"cannot resume {path} with different settings: {'; '.join(diff)}")
-    if ckpt["world_size"] != world:
-        raise BadInputError(
-            f"{path} was written by a {ckpt['world_size']}-process run; resume it with the same number "
-            f"of processes (now {world})"
+
+class _TrunkTask(Task):
+    """One step: a batch of (flipped) images through trunk + margin head, cross-entropy on the margin logits."""
+
+    def __init__(self, cfg: TrainTrunkConfig, net: _TrainNet, data: TrainData, train_idx: np.ndarray,
+                 train_labels: np.ndarray, procs: Processes):
+        self.cfg, self.net, self.procs = cfg, net, procs
+        self.model, self.modules = net, {"model": net.trunk, "head_state": net.head}
+        self.local_bs = cfg.batch_size // procs.world
+        self.sampler = DistributedSampler(range(len(train_idx)), num_replicas=procs.world, rank=procs.rank,
+                                          shuffle=True, seed=cfg.seed, drop_last=True)
+        self.epochs, self.steps_per_epoch = cfg.epochs, len(self.sampler) // self.local_bs
+        self.images = torch.from_numpy(data.images)  # stays uint8 on the CPU; batches are cast on the device
+        self.labels = torch.from_numpy(train_labels.astype(np.int64))
+        self.train_idx = torch.from_numpy(train_idx)
+        # each process its own dropout / flip streams, all derived from the seed
+        torch.manual_seed(cfg.seed + 1_000_003 * procs.rank)
+        self.generators = {"flip": torch.Generator().manual_seed(cfg.seed + 7_919 * (procs.rank + 1))}
+        self.epoch_losses: list[float] = []
+
+    def optimizer(self):
+        cfg, device = self.cfg, self.procs.device
+        return torch.optim.SGD(
+            [p for p in self.net.parameters() if p.requires_grad],
+            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            fused=device.type == "cuda",  # one kernel for the whole update instead of one per parameter
         )
 
+    def scheduler(self, opt, total):
+        return StepLR(opt, lambda step: lr_at(self.cfg, step, total))
 
-# ------------------------------------------------------------------------------------------- engine
+    def plan(self, epoch):
+        self.sampler.set_epoch(epoch)
+        return torch.tensor(list(self.sampler), dtype=torch.int64)
+
+    def step(self, model, plan, i):
+        device, cuda = self.procs.device, self.procs.device.type == "cuda"
+        pos = plan[i * self.local_bs : (i + 1) * self.local_bs]
+        x = self.images[self.train_idx[pos]].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        y = self.labels[pos].to(device, non_blocking=True)
+        if self.cfg.flip:
+            flip = (torch.rand(len(pos), generator=self.generators["flip"]) < 0.5).to(device).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(3), x)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.cfg.amp and cuda):
+            # the permuted NHWC batch is already channels_last, what the CUDA model runs in
+            logits = model(x if cuda else x.contiguous(), y)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, loss.detach().float().view(1)
+
+    def end_epoch(self, epoch, stats, world):
+        losses = [v / world for v in stats[:, 0].tolist()]
+        self.epoch_losses.append(sum(losses) / len(losses))
+
+    def where(self, step, total):
+        return f"step {step}/{total}"
+
+    def state_dict(self):
+        return {"epoch_losses": self.epoch_losses}
+
+    def load_state_dict(self, state):
+        self.epoch_losses = list(state["epoch_losses"])
 
 
-def train_trunk(cfg: TrainTrunkConfig, progress: Callable[[dict], None] | None = None) -> dict:
+def train_trunk(cfg: TrainTrunkConfig, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Train ``cfg.trunk`` on ``cfg.data``; returns a summary dict (see module docstring).
 
-    ``progress``, if given, is called on rank 0 after every step with
-    ``{"step", "total", "epoch", "epochs", "loss", "lr"}``. SIGINT stops at the next step boundary after writing a
-    checkpoint, then raises KeyboardInterrupt; ``resume=True`` continues from it.
+    ``progress(stage, done, total)`` is called on rank 0 after every step. SIGINT stops at the next step boundary
+    after writing a checkpoint, then raises KeyboardInterrupt; ``resume=True`` continues from it.
     """
-    procs = Processes(cfg.gpu)
-    try:
+    with Processes(cfg.gpu) as procs:
         return _train(cfg, procs, progress)
-    finally:
-        procs.close()
 
 
 def _train(cfg: TrainTrunkConfig, procs: Processes, progress) -> dict:
@@ -303,12 +300,9 @@ def _train(cfg: TrainTrunkConfig, procs: Processes, progress) -> dict:
         raise BadInputError(f"cannot create --out {out}: {base} is not a folder" if not base.is_dir()
                             else f"cannot create --out {out}: {base} is not writable")
     ckpt_path, trunk_path = out / CHECKPOINT_NAME, out / TRUNK_NAME
-    ckpt = None
-    if ckpt_path.exists():
-        if not cfg.resume:
-            raise BadInputError(f"{out} already holds a training checkpoint; resume it or choose another --out")
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resumable(ckpt, cfg, procs.world, ckpt_path)
+    check_resumable(trunk_path, ckpt_path, cfg.resume)
+    if ckpt_path.exists() and not cfg.resume:
+        raise BadInputError(f"{out} already holds a training checkpoint; resume it or choose another --out")
 
     data = read_training_images(cfg.data)
     seed_everything(cfg.seed)
@@ -324,162 +318,36 @@ def _train(cfg: TrainTrunkConfig, procs: Processes, progress) -> dict:
     classes, train_labels = np.unique(data.labels[train_idx], return_inverse=True)
     if len(classes) < 2:
         raise BadInputError(f"{cfg.data} has {len(classes)} training identities; a margin head needs 2 or more")
-    local_bs = cfg.batch_size // procs.world
-    sampler = DistributedSampler(
-        range(len(train_idx)), num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    steps_per_epoch = len(sampler) // local_bs
-    if steps_per_epoch == 0:
+    # DistributedSampler(drop_last): each process gets len // world images, in batches of batch_size // world
+    if len(train_idx) // procs.world // (cfg.batch_size // procs.world) == 0:
         raise BadInputError(
             f"{len(train_idx)} training images cannot fill one batch of {cfg.batch_size}; lower the batch size"
         )
-    total = cfg.epochs * steps_per_epoch
-    if ckpt is not None and (ckpt["train_images"], ckpt["classes"]) != (len(train_idx), len(classes)):
-        raise BadInputError(
-            f"{cfg.data} gives {len(train_idx)} training images of {len(classes)} identities, the checkpoint "
-            f"was trained on {ckpt['train_images']} of {ckpt['classes']}: not the same data, cannot resume"
-        )
-
     head = build_head(cfg.head, trunk.embedding_dim, len(classes), cfg.s, cfg.m)
     # CUDA + bf16: channels_last and cuDNN autotuning (pdsn_cli.accel); the CPU runs as before
     net = prepare_module(_TrainNet(trunk, head), device, "bf16" if cfg.amp else "fp32")
-    model = net
-    if procs.distributed:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    opt = torch.optim.SGD(
-        [p for p in net.parameters() if p.requires_grad],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",  # one kernel for the whole update instead of one per parameter
+    task = _TrunkTask(cfg, net, data, train_idx, train_labels, procs)
+    settings = {k: v for k, v in cfg.plain().items() if k in RESUME_MUST_MATCH}
+    checkpoints = Checkpoints(
+        ckpt_path, CHECKPOINT_FORMAT, every=cfg.checkpoint_every, resume=cfg.resume,
+        must_match={**settings, "train_images": int(len(train_idx)), "classes": int(len(classes))},
+        extra=dict(config=cfg.plain(), trunk=cfg.trunk, head=cfg.head, classes=int(len(classes)),
+                   train_images=int(len(train_idx))),
+        advice=" or check the data",
     )
-    # each process its own dropout / flip streams, all derived from the seed
-    torch.manual_seed(cfg.seed + 1_000_003 * procs.rank)
-    flip_gen = torch.Generator().manual_seed(cfg.seed + 7_919 * (procs.rank + 1))
-    cuda = device.type == "cuda"
-
-    start, epoch_losses, run_sum, run_n = 0, [], 0.0, 0
-    if ckpt is not None:
-        trunk.load_state_dict(ckpt["model"])
-        head.load_state_dict(ckpt["head_state"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["step"])
-        epoch_losses = list(ckpt["epoch_losses"])
-        run_sum, run_n = float(ckpt["run_loss_sum"]), int(ckpt["run_loss_n"])
-        rng = ckpt["rng"][procs.rank]
-        torch.set_rng_state(rng["torch"])
-        flip_gen.set_state(rng["flip"])
-        if cuda and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-
-    images = torch.from_numpy(data.images)  # stays uint8 on the CPU; batches are cast on the device
-    labels_t = torch.from_numpy(train_labels.astype(np.int64))
-    train_idx_t = torch.from_numpy(train_idx)
-    use_amp = cfg.amp and cuda
-    written_step = start if ckpt is not None else None
-
-    def save(step: int) -> None:
-        nonlocal written_step
-        states = procs.gather(
-            {
-                "torch": torch.get_rng_state(),
-                "flip": flip_gen.get_state(),
-                "cuda": torch.cuda.get_rng_state(device) if cuda else None,
-            }
-        )
-        if not all(torch.isfinite(p).all() for p in net.parameters()):
-            raise JobFailed(
-                f"weights became non-finite by step {step}; {_kept(written_step, ckpt_path)} "
-                "(lower --lr or check the data)"
-            )
-        if procs.main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(
-                ckpt_path,
-                format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, config=cfg.plain(),
-                trunk=cfg.trunk, head=cfg.head, classes=int(len(classes)), train_images=int(len(train_idx)),
-                world_size=procs.world,
-                step=step, total_steps=total, steps_per_epoch=steps_per_epoch,
-                model=trunk.state_dict(), head_state=head.state_dict(), optimizer=opt.state_dict(),
-                epoch_losses=epoch_losses, run_loss_sum=run_sum, run_loss_n=run_n, rng=states,
-            )
-        written_step = step
-
-    t0 = time.perf_counter()
-    stop_all = False
-    # losses of the steps since the host last looked: on CUDA the host reads them (loss, NaN check, stop vote)
-    # every SYNC_EVERY steps and before every checkpoint, so the GPU never waits for it in between
-    pending: list[torch.Tensor] = []
-    loss_v = float("nan")
-
-    def sync(step: int) -> None:
-        nonlocal stop_all, run_sum, run_n, loss_v, pending
-        vote = torch.tensor([float(stop.requested)], device=device)
-        vals = procs.all_sum(torch.cat([torch.stack(pending), vote]) if pending else vote).tolist()
-        losses = [v / procs.world for v in vals[:-1]]
-        stop_all = procs.distributed and vals[-1] > 0
-        for k, v in enumerate(losses):
-            if not math.isfinite(v):
-                raise JobFailed(
-                    f"loss became {v} at step {step - len(losses) + k + 1}/{total}; "
-                    f"{_kept(written_step, ckpt_path)} (lower --lr or check the data)"
-                )
-        run_sum, run_n = run_sum + sum(losses), run_n + len(losses)
-        loss_v = losses[-1] if losses else loss_v
-        pending = []
-
-    with _StopFlag() as stop:
-        order, order_epoch = None, -1
-        for step in range(start, total):
-            if stop_all or (not procs.distributed and stop.requested):
-                sync(step)
-                save(step)
-                procs.barrier()
-                raise KeyboardInterrupt
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                sampler.set_epoch(epoch)
-                order, order_epoch = torch.tensor(list(sampler), dtype=torch.int64), epoch
-            pos = order[i * local_bs : (i + 1) * local_bs]
-            x = images[train_idx_t[pos]].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-            y = labels_t[pos].to(device, non_blocking=True)
-            if cfg.flip:
-                flip = (torch.rand(len(pos), generator=flip_gen) < 0.5).to(device).view(-1, 1, 1, 1)
-                x = torch.where(flip, x.flip(3), x)
-            lr = lr_at(cfg, step, total)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                # the permuted NHWC batch is already channels_last, what the CUDA model runs in
-                logits = model(x if cuda else x.contiguous(), y)
-            loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            pending.append(loss.detach().float())
-            end_of_epoch = i == steps_per_epoch - 1
-            checkpoint_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total
-            if not cuda or checkpoint_now or end_of_epoch or (step + 1) % SYNC_EVERY == 0:
-                sync(step + 1)
-            if end_of_epoch:
-                epoch_losses.append(run_sum / run_n)
-                run_sum, run_n = 0.0, 0
-            if checkpoint_now:
-                save(step + 1)
-            if progress is not None and procs.main:
-                info = {"step": step + 1, "total": total, "epoch": epoch + 1, "epochs": cfg.epochs}
-                progress({**info, "loss": loss_v, "lr": lr})
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+    run = train(task, procs, checkpoints, progress)
+    total, start = run.steps, run.resumed_from or 0
+    epoch_losses = task.epoch_losses
 
     result = {
         "steps": total,
         "steps_this_run": total - start,
-        "resumed_from": start if ckpt is not None else None,
+        "resumed_from": run.resumed_from,
         "epochs": cfg.epochs,
         "final_loss": epoch_losses[-1] if epoch_losses else None,
         "epoch_losses": epoch_losses,
-        "seconds": seconds,
-        "img_per_s": (total - start) * cfg.batch_size / seconds if total > start and seconds > 0 else None,
+        "seconds": run.seconds,
+        "img_per_s": (total - start) * cfg.batch_size / run.seconds if total > start and run.seconds > 0 else None,
         "checkpoint": str(ckpt_path),
         "trunk_weights": str(trunk_path),
         "trunk": cfg.trunk,
@@ -507,12 +375,6 @@ def _train(cfg: TrainTrunkConfig, procs: Processes, progress) -> dict:
             result["heldout_accuracy"] = two_fold_accuracy(scores, same, cfg.seed)
     procs.barrier()
     return result
-
-
-def _kept(step: int | None, path: Path) -> str:
-    if step is None:
-        return "no checkpoint was written yet"
-    return f"the last good checkpoint {path} (step {step}) is kept"
 
 
 __all__ = [

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 
 from pdsn_cli.errors import BadInputError
+from pdsn_cli.trunks import dlib_resnet, iresnet, lresnet, tiny
 from pdsn_cli.trunks.base import Trunk
+from pdsn_cli.trunks.weights import TrunkWeights
 
-# name -> "module:builder"; builders take (weights: str | None) and return a Trunk.
-# Imported lazily so that `pdsn --help` does not pay for every architecture.
-_REGISTRY: dict[str, str] = {
-    "dlib-resnet": "pdsn_cli.trunks.dlib_resnet:build",
-    "lresnet50e-ir": "pdsn_cli.trunks.lresnet:build",
-    "iresnet50": "pdsn_cli.trunks.iresnet:build_iresnet50",
-    "iresnet100": "pdsn_cli.trunks.iresnet:build_iresnet100",
-    "tiny": "pdsn_cli.trunks.tiny:build",
+# name -> builder taking (weights: str | None, a weights file; None = packaged or random init)
+_REGISTRY: dict[str, Callable[[str | None], Trunk]] = {
+    "dlib-resnet": dlib_resnet.build,
+    "lresnet50e-ir": lresnet.build,
+    "iresnet50": iresnet.build_iresnet50,
+    "iresnet100": iresnet.build_iresnet100,
+    "tiny": tiny.build,
 }
 
 
@@ -25,9 +26,7 @@ def trunk_names() -> list[str]:
 def build_trunk(name: str, weights: str | None = None) -> Trunk:
     if name not in _REGISTRY:
         raise BadInputError(f"unknown trunk {name!r}; choose one of {', '.join(_REGISTRY)}")
-    module, fn = _REGISTRY[name].split(":")
-    trunk = getattr(importlib.import_module(module), fn)(weights)
-    return trunk.eval()
+    return _REGISTRY[name](weights).eval()
 
 
-__all__ = ["Trunk", "build_trunk", "trunk_names"]
+__all__ = ["Trunk", "TrunkWeights", "build_trunk", "trunk_names"]

@@ -1,9 +1,11 @@
 """The interface every trunk implements, so that PDSN, embed and benchmark never special-case a model.
 
-Input convention: float tensor N×3×H×W, RGB, values in [0, 255] (an aligned uint8 chip cast to float).
-Each trunk normalises its own input. A trunk is split at a *mask point*: ``features(x, point)`` runs the
-network up to that point (the conv feature map PDSN masks), ``head(f, point)`` runs the rest and returns the
-(unnormalised) embedding, so ``head(features(x))`` equals ``forward(x)``.
+Input convention: float tensor N×3×H×W, RGB, values in [0, 255] (an aligned uint8 chip cast to float); the
+trunk's :class:`TrunkWeights` says how it is normalised. A trunk is a stem, a sequence of named stages and an
+embedding layer; it is split at a *mask point* (a stage's output): ``features(x, point)`` runs the network up
+to that point (the conv feature map PDSN masks), ``head(f, point)`` runs the rest and returns the
+(unnormalised) embedding, so ``head(features(x))`` equals ``forward(x)``. Architectures only declare their
+``stages`` and write ``forward_stem`` and ``forward_embedding``; the split is done here, once.
 """
 
 from __future__ import annotations
@@ -11,28 +13,64 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pdsn_cli.errors import BadInputError
+from pdsn_cli.trunks.weights import TrunkWeights
+
 
 class Trunk(nn.Module):
     #: registry name, e.g. "dlib-resnet"
     name: str = ""
-    #: alignment template the trunk expects (see pdsn_cli.align.aligner.TEMPLATES)
-    template: str = ""
-    #: (H, W) of the input chip
-    input_size: tuple[int, int] = (0, 0)
+    #: what the weights expect: alignment template, input size, normalisation
+    weights: TrunkWeights
     embedding_dim: int = 0
-    #: names accepted by ``features``/``head``, earliest first
+    #: names of the stage submodules, input to output
+    stages: tuple[str, ...] = ()
+    #: names accepted by ``features``/``head`` (stages whose output PDSN may mask), earliest first
     mask_points: tuple[str, ...] = ()
     #: the mask point used when none is given (PDSN's: the top conv feature map)
     default_mask_point: str = ""
 
-    def features(self, x: torch.Tensor, point: str | None = None) -> torch.Tensor:
+    @property
+    def template(self) -> str:
+        """Alignment template the trunk expects (see pdsn_cli.align.templates.TEMPLATES)."""
+        return self.weights.template
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the input chip."""
+        return self.weights.input_size
+
+    # -- what an architecture writes ----------------------------------------------------------------
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 255] RGB → the stem's input."""
+        return self.weights.transforms(x)
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input → the first stage's input."""
         raise NotImplementedError
+
+    def forward_embedding(self, f: torch.Tensor) -> torch.Tensor:
+        """The last stage's output → the (unnormalised) embedding."""
+        raise NotImplementedError
+
+    # -- the split at a mask point ----------------------------------------------------------------------
+
+    def _run_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for name in self.stages[start:stop]:
+            x = getattr(self, name)(x)
+        return x
+
+    def features(self, x: torch.Tensor, point: str | None = None) -> torch.Tensor:
+        point = self.check_point(point)
+        return self._run_stages(self.forward_stem(self.preprocess(x)), 0, self.stages.index(point) + 1)
 
     def head(self, f: torch.Tensor, point: str | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        point = self.check_point(point)
+        return self.forward_embedding(self._run_stages(f, self.stages.index(point) + 1, len(self.stages)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.forward_embedding(self._run_stages(self.forward_stem(self.preprocess(x)), 0, len(self.stages)))
 
     def feature_shape(self, point: str | None = None) -> tuple[int, int, int]:
         """C, H, W of the feature map at ``point`` (computed with a dummy forward on the trunk's device)."""
@@ -45,8 +83,6 @@ class Trunk(nn.Module):
     def check_point(self, point: str | None) -> str:
         point = point or self.default_mask_point
         if point not in self.mask_points:
-            from pdsn_cli.errors import BadInputError
-
             raise BadInputError(
                 f"trunk {self.name} has no mask point {point!r}; choose one of {', '.join(self.mask_points)}"
             )

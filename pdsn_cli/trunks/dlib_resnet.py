@@ -26,7 +26,6 @@ it, so inference is plain conv+bias.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
@@ -37,10 +36,15 @@ from torch import nn
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.trunks.base import Trunk
 from pdsn_cli.trunks.dlib_format import DlibNet, read_net_file
+from pdsn_cli.trunks.weights import TrunkWeights
 
 WEIGHTS_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 #: dlib's input_rgb_image_sized defaults, also stored in the .dat
 DEFAULT_MEAN_RGB = (122.782, 117.001, 104.298)
+#: dlib's released descriptor, as shipped by the face_recognition_models package; (x - mean_rgb) / 256 with the
+#: mean read from the .dat (DEFAULT_MEAN_RGB when absent)
+WEIGHTS = TrunkWeights(template="dlib150", input_size=(150, 150), mean=DEFAULT_MEAN_RGB, std=256.0,
+                       file=WEIGHTS_FILE, package="face_recognition_models", package_dir="models")
 
 # (stage name, channels, number of ares blocks after the optional ares_down, has ares_down)
 _STAGES = (
@@ -53,14 +57,8 @@ _STAGES = (
 
 
 def packaged_weights_path() -> str:
-    """The .dat shipped in the face_recognition_models package, located without importing it
-    (its ``__init__`` imports pkg_resources, which current setuptools no longer provides)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or spec.origin is None:
-        raise BadInputError(
-            "the face_recognition_models package is not installed; install it or pass --weights PATH.dat"
-        )
-    return os.path.join(os.path.dirname(spec.origin), "models", WEIGHTS_FILE)
+    """The .dat shipped in the face_recognition_models package (see TrunkWeights.packaged_path)."""
+    return WEIGHTS.packaged_path()
 
 
 def _add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,9 +94,9 @@ class AResBlock(nn.Module):
 
 class DlibResNet(Trunk):
     name = "dlib-resnet"
-    template = "dlib150"
-    input_size = (150, 150)
+    weights = WEIGHTS
     embedding_dim = 128
+    stages = tuple(name for name, *_ in _STAGES)
     mask_points = ("level3", "level2", "level1", "level0")
     # PDSN masks level2 (128×8×8) by default: on a frozen dlib trunk, masking the 256×4×4 / 256×2×2 maps cost
     # accuracy on occluded LFW in every setting we tried, while the 8×8 map (closest to the paper's 7×6) helped
@@ -115,43 +113,31 @@ class DlibResNet(Trunk):
             blocks += [AResBlock(ch, ch, down=False) for _ in range(n_ares)]
             self.add_module(name, nn.Sequential(*blocks))
             cin = ch
-        self.stage_names = tuple(name for name, *_ in _STAGES)
         self.fc = nn.Linear(256, 128, bias=False)
         # weights in the same NHWC layout as the activations (see stem), so no per-call reorder
         self.to(memory_format=torch.channels_last)
 
     # -- Trunk interface ----------------------------------------------------------------------
 
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        # the mean is the loaded .dat's (a buffer, so it follows the module to its device)
+        return self.weights.transforms(x, mean=self.mean_rgb)
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         # NHWC end to end: oneDNN's CPU convolutions run this net ~1.4x faster than on NCHW
         # (batch 64), and a conv keeps the layout of its input, so converting once is enough.
-        x = ((x - self.mean_rgb) * (1.0 / 256.0)).contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         return F.max_pool2d(F.relu(self.conv1(x), inplace=True), 3, 2)
 
-    def features(self, x: torch.Tensor, point: str | None = None) -> torch.Tensor:
-        point = self.check_point(point)
-        x = self.stem(x)
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            if name == point:
-                return x
-        raise AssertionError("unreachable: check_point accepted an unknown point")
-
-    def head(self, f: torch.Tensor, point: str | None = None) -> torch.Tensor:
-        point = self.check_point(point)
-        for name in self.stage_names[self.stage_names.index(point) + 1 :]:
-            f = getattr(self, name)(f)
+    def forward_embedding(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc(f.mean(dim=(2, 3)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x, "level0"), "level0")
 
     # -- dlib weights ---------------------------------------------------------------------------
 
     def convs(self) -> list[nn.Conv2d]:
         """Every conv in dlib's order (input to output)."""
         out = [self.conv1]
-        for name in self.stage_names:
+        for name in self.stages:
             for block in getattr(self, name):
                 out += [block.conv1, block.conv2]
         return out
@@ -226,4 +212,4 @@ def build(weights: str | None = None) -> DlibResNet:
     return model.eval()
 
 
-__all__ = ["DlibResNet", "build", "expected_layer_kinds", "packaged_weights_path"]
+__all__ = ["WEIGHTS", "DlibResNet", "build", "expected_layer_kinds", "packaged_weights_path"]

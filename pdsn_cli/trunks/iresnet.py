@@ -16,6 +16,10 @@ from torch import nn
 
 from pdsn_cli.trunks.base import Trunk
 from pdsn_cli.trunks.checkpoint import load_state_dict_safely
+from pdsn_cli.trunks.weights import TrunkWeights
+
+#: arcface_torch's ``backbone.pth``; its data pipeline normalises ((x / 255) - 0.5) / 0.5
+WEIGHTS = TrunkWeights(template="arc112x112", input_size=(112, 112), mean=127.5, std=127.5, file="backbone.pth")
 
 
 def conv3x3(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
@@ -40,12 +44,11 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(Trunk):
-    template = "arc112x112"
-    input_size = (112, 112)
+    weights = WEIGHTS
     embedding_dim = 512
+    stages = ("layer1", "layer2", "layer3", "layer4")
     mask_points = ("layer3", "layer4")
     default_mask_point = "layer4"
-    _stages = ("layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, name: str, layers: tuple[int, int, int, int], dropout: float = 0.0, num_features: int = 512):
         super().__init__()
@@ -83,20 +86,10 @@ class IResNet(Trunk):
     def embedding_bn(self) -> nn.BatchNorm1d:
         return self._modules["features"]
 
-    def features(self, x: torch.Tensor, point: str | None = None) -> torch.Tensor:
-        point = self.check_point(point)
-        # arcface_torch's data pipeline: ((x / 255) - 0.5) / 0.5
-        x = self.prelu(self.bn1(self.conv1(x / 127.5 - 1.0)))
-        for stage in self._stages:
-            x = getattr(self, stage)(x)
-            if stage == point:
-                return x
-        raise AssertionError("unreachable: check_point accepted an unknown stage")
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prelu(self.bn1(self.conv1(x)))
 
-    def head(self, f: torch.Tensor, point: str | None = None) -> torch.Tensor:
-        point = self.check_point(point)
-        for stage in self._stages[self._stages.index(point) + 1 :]:
-            f = getattr(self, stage)(f)
+    def forward_embedding(self, f: torch.Tensor) -> torch.Tensor:
         f = self.dropout(torch.flatten(self.bn2(f), 1))
         return self.embedding_bn(self.fc(f))
 

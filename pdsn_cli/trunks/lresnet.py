@@ -14,9 +14,13 @@ from torch import nn
 
 from pdsn_cli.trunks.base import Trunk
 from pdsn_cli.trunks.checkpoint import load_state_dict_safely
+from pdsn_cli.trunks.weights import TrunkWeights
 
 #: branches the PDSN-Siamese / FROM releases keep beside the trunk; not part of the recognition model
 RELEASE_EXTRA_BRANCHES = ("sia.", "fpn.", "mask.", "reduces.", "regress.")
+#: the PDSN/FROM release: (x/255 - 0.5) / 0.5, its ToTensor + Normalize(0.5, 0.5)
+WEIGHTS = TrunkWeights(template="arc112x96", input_size=(112, 96), mean=127.5, std=127.5,
+                       ignore_prefixes=RELEASE_EXTRA_BRANCHES)
 
 
 class BlockIR(nn.Module):
@@ -46,12 +50,11 @@ class BlockIR(nn.Module):
 
 class LResNet(Trunk):
     name = "lresnet50e-ir"
-    template = "arc112x96"
-    input_size = (112, 96)
+    weights = WEIGHTS
     embedding_dim = 512
+    stages = ("layer1", "layer2", "layer3", "layer4")
     mask_points = ("layer3", "layer4")
     default_mask_point = "layer4"
-    _stages = ("layer1", "layer2", "layer3", "layer4")
 
     def __init__(
         self,
@@ -86,20 +89,10 @@ class LResNet(Trunk):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def features(self, x: torch.Tensor, point: str | None = None) -> torch.Tensor:
-        point = self.check_point(point)
-        # (x/255 - 0.5) / 0.5, the release's ToTensor + Normalize(0.5, 0.5)
-        x = self.prelu1(self.bn1(self.conv1(x / 127.5 - 1.0)))
-        for stage in self._stages:
-            x = getattr(self, stage)(x)
-            if stage == point:
-                return x
-        raise AssertionError("unreachable: check_point accepted an unknown stage")
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prelu1(self.bn1(self.conv1(x)))
 
-    def head(self, f: torch.Tensor, point: str | None = None) -> torch.Tensor:
-        point = self.check_point(point)
-        for stage in self._stages[self._stages.index(point) + 1 :]:
-            f = getattr(self, stage)(f)
+    def forward_embedding(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(f, 1))
 
 
@@ -107,5 +100,5 @@ def build(weights: str | None = None) -> LResNet:
     """LResNet50E-IR; ``weights`` is a PDSN/FROM-style checkpoint, or None for a random init (training)."""
     model = LResNet()
     if weights is not None:
-        load_state_dict_safely(model, weights, ignore_prefixes=RELEASE_EXTRA_BRANCHES)
+        load_state_dict_safely(model, weights, ignore_prefixes=WEIGHTS.ignore_prefixes)
     return model

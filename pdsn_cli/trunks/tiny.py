@@ -12,6 +12,10 @@ from torch import nn
 
 from pdsn_cli.trunks.base import Trunk
 from pdsn_cli.trunks.checkpoint import load_state_dict_safely
+from pdsn_cli.trunks.weights import TrunkWeights
+
+#: trained by ``pdsn train-trunk`` on arc112x96 chips, normalised as LResNet50E-IR's
+WEIGHTS = TrunkWeights(template="arc112x96", input_size=(112, 96), mean=127.5, std=127.5)
 
 
 def conv_bn_prelu(inplanes: int, planes: int, stride: int = 1) -> nn.Sequential:
@@ -24,12 +28,11 @@ def conv_bn_prelu(inplanes: int, planes: int, stride: int = 1) -> nn.Sequential:
 
 class TinyTrunk(Trunk):
     name = "tiny"
-    template = "arc112x96"
-    input_size = (112, 96)
+    weights = WEIGHTS
     embedding_dim = 128
+    stages = ("stage1", "stage2", "stage3")
     mask_points = ("stage2", "stage3")
     default_mask_point = "stage3"
-    _stages = ("stage1", "stage2", "stage3")
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), embedding_dim: int = 128):
         super().__init__()
@@ -56,19 +59,10 @@ class TinyTrunk(Trunk):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def features(self, x: torch.Tensor, point: str | None = None) -> torch.Tensor:
-        point = self.check_point(point)
-        x = self.stem(x / 127.5 - 1.0)
-        for stage in self._stages:
-            x = getattr(self, stage)(x)
-            if stage == point:
-                return x
-        raise AssertionError("unreachable: check_point accepted an unknown stage")
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
 
-    def head(self, f: torch.Tensor, point: str | None = None) -> torch.Tensor:
-        point = self.check_point(point)
-        for stage in self._stages[self._stages.index(point) + 1 :]:
-            f = getattr(self, stage)(f)
+    def forward_embedding(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(f, 1))
 
 

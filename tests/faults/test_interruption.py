@@ -77,16 +77,14 @@ def resume_in_process(args: list) -> None:
 #: machine is (epochs of one block take milliseconds)
 PAUSE_AFTER_CHECKPOINTS = """
 import time
-import pdsn_cli.train.blocks as _pdsn
-import pdsn_cli.train.trunk as _train_trunk
+import pdsn_cli.train.loop as _loop
 def _paused(save):
     def paused(*a, **k):
         out = save(*a, **k)
         time.sleep(0.3)
         return out
     return paused
-_pdsn._save_state = _paused(_pdsn._save_state)
-_train_trunk.save_checkpoint = _paused(_train_trunk.save_checkpoint)
+_loop.save_checkpoint = _paused(_loop.save_checkpoint)
 """
 
 
@@ -188,15 +186,16 @@ def test_train_trunk_killed_and_interrupted_resumes_to_the_straight_result(chips
 SLOW_CHUNKS = """
 import os, time
 import pdsn_cli.embed as _embed
+import pdsn_cli.pdsn.embedder as _embedder
 _embed.CHUNK = 64
-_extract, _calls = _embed.extract_features, [0]
+_features, _calls = _embedder.Embedder.features, [0]
 def _announced(*a, **k):
     _calls[0] += 1
     with open(os.environ["PDSN_TEST_CHUNKS"], "w") as fh:
         fh.write(str(_calls[0]))
     time.sleep(0.4)
-    return _extract(*a, **k)
-_embed.extract_features = _announced
+    return _features(*a, **k)
+_embedder.Embedder.features = _announced
 """
 
 
@@ -237,3 +236,92 @@ def test_embed_killed_and_interrupted_resumes_to_the_straight_result(block_pairs
     assert '"resumed_from": 192' in (tmp_path / "r.json").read_text()  # 1 chunk, then 2 more before Ctrl-C
     assert_same_datasets(out, straight)
     assert not partial_path(out).exists()
+
+
+# ---- Ctrl-C in-process: train-block, train-detector and finetune stop at the next step boundary ---------------------
+def ctrl_c_at(call: int, fn, counted=lambda: True):
+    """``fn`` that sends this process SIGINT during its ``call``-th counted call (a real Ctrl-C mid-step)."""
+    n = {"calls": 0}
+
+    def wrapped(*a, **k):
+        if counted():
+            n["calls"] += 1
+            if n["calls"] == call:
+                os.kill(os.getpid(), signal.SIGINT)
+        return fn(*a, **k)
+
+    return wrapped
+
+
+def interrupted_in_process(args: list) -> None:
+    r = CliRunner().invoke(app, list(map(str, args)))
+    assert r.exit_code == 130, (r.exit_code, r.output, r.exception)
+    assert "interrupted" in r.stderr and "--resume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_block_ctrl_c_mid_epoch_checkpoints_and_resumes_to_the_straight_result(
+        block_pairs, tiny_weights, trained_blocks, tmp_path, monkeypatch):
+    from pdsn_cli.pdsn.mask_generator import MaskGenerators
+    from pdsn_cli.train.blocks import load_blocks_file
+
+    out = tmp_path / "all.pt"
+    ckpt = out.with_name("all.pt.ckpt")
+    # trained_blocks: --block all, 2 epochs of 2 steps (batch 8); Ctrl-C in step 3 (epoch 2, step 1)
+    args = ["train-block", "--pairs", block_pairs, "--trunk", "tiny", "--weights", tiny_weights, "--epochs", 2,
+            "--batch-size", 8, "--out", out, "--quiet"]
+    monkeypatch.setattr(MaskGenerators, "forward", ctrl_c_at(3, MaskGenerators.forward, torch.is_grad_enabled))
+    interrupted_in_process(args)
+    assert not out.exists() and load_blocks_file(ckpt)["step"] == 3  # mid-epoch: the epoch's order is saved
+    monkeypatch.undo()
+    resume_in_process(args)
+    a, b = load_blocks_file(out), load_blocks_file(trained_blocks[0])
+    assert a["history"] == b["history"] and torch.equal(a["mean_masks"], b["mean_masks"])
+    for k, v in b["generators"].items():
+        assert torch.equal(a["generators"][k], v), k
+    assert not ckpt.exists()
+
+
+def test_train_detector_ctrl_c_checkpoints_and_resumes_to_the_straight_result(block_pairs, tmp_path, monkeypatch):
+    from pdsn_cli.pdsn.detector import DetectorNet
+
+    def args(out):  # 312 chips, batches of 64: 5 steps an epoch
+        return ["train-detector", "--pairs", block_pairs, "--epochs", 2, "--val-fraction", 0, "--out", out, "--quiet"]
+
+    r = CliRunner().invoke(app, list(map(str, args(tmp_path / "straight.pt"))))
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "det.pt"
+    monkeypatch.setattr(DetectorNet, "forward", ctrl_c_at(3, DetectorNet.forward, torch.is_grad_enabled))
+    interrupted_in_process(args(out))
+    assert not out.exists() and torch.load(f"{out}.ckpt", weights_only=True)["step"] == 3
+    monkeypatch.undo()
+    resume_in_process(args(out))
+    a, b = torch.load(out, weights_only=True), torch.load(tmp_path / "straight.pt", weights_only=True)
+    assert a["metrics"]["loss_history"] == b["metrics"]["loss_history"]
+    for k, v in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][k], v), k
+    assert not Path(f"{out}.ckpt").exists()
+
+
+def test_finetune_ctrl_c_checkpoints_and_resumes_to_the_straight_result(fdm_dict, block_pairs, tiny_weights,
+                                                                        tmp_path, monkeypatch):
+    import h5py
+
+    from pdsn_cli.train import finetune as ft
+
+    def args(out):  # 225 training pairs, batches of 64: 4 steps an epoch
+        return ["finetune", "--dict", fdm_dict, "--pairs", block_pairs, "--weights", tiny_weights, "--epochs", 2,
+                "--lr", 1e-3, "--out", out, "--quiet"]
+
+    r = CliRunner().invoke(app, list(map(str, args(tmp_path / "straight.h5"))))
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "ft.h5"
+    monkeypatch.setattr(ft._StudentHead, "forward", ctrl_c_at(6, ft._StudentHead.forward, torch.is_grad_enabled))
+    interrupted_in_process(args(out))
+    assert not out.exists() and torch.load(f"{out}.ckpt", weights_only=True)["step"] == 6
+    monkeypatch.undo()
+    resume_in_process(args(out))
+    with h5py.File(out) as fa, h5py.File(tmp_path / "straight.h5") as fb:
+        assert fa["head"].attrs["kept_epoch"] == fb["head"].attrs["kept_epoch"]
+        for k in fb["head"]:
+            assert (fa["head"][k][()] == fb["head"][k][()]).all(), k
+    assert not Path(f"{out}.ckpt").exists()

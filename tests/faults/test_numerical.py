@@ -61,7 +61,8 @@ def nan_weights(src: str, dst: Path) -> Path:
 # ---- train-block --------------------------------------------------------------------------------------------------
 def test_train_block_nan_mid_run_keeps_last_epoch_and_resume_matches_a_clean_run(
         block_pairs, tiny_weights, trained_blocks, tmp_path, monkeypatch):
-    from pdsn_cli.train.blocks import MaskGenerators, load_blocks_file
+    from pdsn_cli.pdsn.mask_generator import MaskGenerators
+    from pdsn_cli.train.blocks import load_blocks_file
 
     out = tmp_path / "all.pt"
     # trained_blocks: --block all, 2 epochs of 2 steps (12 pairs per block, batch 8), the defaults otherwise
@@ -234,3 +235,62 @@ def test_blank_images_get_finite_unit_embeddings(tiny_weights, tmp_path):
                    "--quiet"]).exit_code == 0
     emb = h5_datasets(out)["embedding"]
     assert np.isfinite(emb).all() and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+# ---- train-detector and finetune: NaN mid-run keeps the last epoch's checkpoint --------------------------------------
+def nan_in_training_after(calls: int, fn):
+    """``fn`` whose outputs turn NaN from its ``calls``-th call with gradients on (a training step) on."""
+    n = {"calls": 0}
+
+    def wrapped(*a, **k):
+        out = fn(*a, **k)
+        if not torch.is_grad_enabled():
+            return out
+        n["calls"] += 1
+        if n["calls"] < calls:
+            return out
+        return [o * float("nan") for o in out] if isinstance(out, list) else out * float("nan")
+
+    return wrapped
+
+
+def test_train_detector_nan_mid_run_keeps_last_epoch_and_resume_matches_a_clean_run(block_pairs, tmp_path,
+                                                                                   monkeypatch):
+    from pdsn_cli.pdsn.detector import DetectorNet
+
+    def args(out):  # 312 chips, batches of 64: 5 steps an epoch
+        return ["train-detector", "--pairs", block_pairs, "--epochs", "2", "--val-fraction", "0", "--out", out,
+                "--quiet"]
+
+    assert invoke(args(tmp_path / "straight.pt")).exit_code == 0
+    out = tmp_path / "det.pt"
+    monkeypatch.setattr(DetectorNet, "forward", nan_in_training_after(7, DetectorNet.forward))
+    failed(invoke(args(out)), "diverged", "loss became nan at epoch 2 step 2", "(step 5) is kept", "--resume")
+    assert not out.exists() and torch.load(f"{out}.ckpt", weights_only=True)["step"] == 5
+    monkeypatch.undo()
+    assert invoke([*args(out), "--resume"]).exit_code == 0
+    a, b = torch.load(out, weights_only=True), torch.load(tmp_path / "straight.pt", weights_only=True)
+    for k, v in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][k], v), k
+    assert not Path(f"{out}.ckpt").exists()
+
+
+def test_finetune_nan_mid_run_keeps_last_epoch_and_resume_matches_a_clean_run(fdm_dict, block_pairs, tiny_weights,
+                                                                             tmp_path, monkeypatch):
+    from pdsn_cli.train import finetune as ft
+
+    def args(out):  # 225 training pairs, batches of 64: 4 steps an epoch
+        return ["finetune", "--dict", fdm_dict, "--pairs", block_pairs, "--weights", tiny_weights, "--epochs", "2",
+                "--lr", "1e-3", "--out", out, "--quiet"]
+
+    assert invoke(args(tmp_path / "straight.h5")).exit_code == 0
+    out = tmp_path / "ft.h5"
+    monkeypatch.setattr(ft._StudentHead, "forward", nan_in_training_after(5, ft._StudentHead.forward))
+    failed(invoke(args(out)), "loss became nan at epoch 2 step 1", "(step 4) is kept")
+    assert not out.exists() and torch.load(f"{out}.ckpt", weights_only=True)["step"] == 4
+    monkeypatch.undo()
+    assert invoke([*args(out), "--resume"]).exit_code == 0
+    with h5py.File(out) as fa, h5py.File(tmp_path / "straight.h5") as fb:
+        for k in fb["head"]:
+            assert np.array_equal(fa["head"][k][()], fb["head"][k][()]), k
+    assert not Path(f"{out}.ckpt").exists()
