@@ -134,7 +134,7 @@ def check_distinct_paths(inputs: Mapping[str, object], outputs: Mapping[str, obj
         for what, other, other_value, other_ident in seen:
             if ident & other_ident:
                 raise BadInputError(f"{option} {value} is the same file as {other} {other_value}; "
-                                    f"an output must not overwrite {what}: choose another path")
+                                    f"an output must not overwrite {what}: write to a new file")
         seen.append(("another output", option, value, ident))
     for option, folder, _ in entries(folders):
         inside = os.path.realpath(os.fsdecode(folder))

@@ -38,6 +38,7 @@ class PipelineConfig:
     synthetic_identities: int = 30
     synthetic_images: int = 4
     epochs: int = 10
+    batch_size: int = 32  # train-block: pairs per block and step
     lr: float = 1e-3
     optimizer: str = "adam"
     tau: float = 0.25
@@ -56,7 +57,7 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     resolve_device(cfg.gpu)
     if not 0.0 < cfg.tau < 1.0:
         raise BadInputError(f"--tau must be in (0, 1), got {cfg.tau}")
-    for name, v in (("--epochs", cfg.epochs), ("--per-image", cfg.per_image)):
+    for name, v in (("--epochs", cfg.epochs), ("--per-image", cfg.per_image), ("--batch-size", cfg.batch_size)):
         if v < 1:
             raise BadInputError(f"{name} must be ≥ 1, got {v}")
     if cfg.finetune_epochs < 0:
@@ -90,7 +91,7 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     (cfg.work / "blocks").mkdir(exist_ok=True)
     blocks = train_blocks(TrainBlockConfig(
         pairs=cfg.work / "pairs-blocks.h5", out=cfg.work / "blocks" / "all.pt", trunk=cfg.trunk,
-        weights=cfg.weights, block="all", mask_point=cfg.mask_point, epochs=cfg.epochs, lr=cfg.lr,
+        weights=cfg.weights, block="all", mask_point=cfg.mask_point, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         optimizer=cfg.optimizer, seed=cfg.seed, gpu=cfg.gpu,
     ), progress=progress)
     say(f"3/{n} build-dict τ={cfg.tau}")

@@ -11,7 +11,7 @@ from pdsn_cli.cli.app import app
 def test_pipeline_runs_every_stage_and_benchmarks_the_finetuned_head(tmp_path, tiny_weights):
     work, js = tmp_path / "work", tmp_path / "p.json"
     r = CliRunner().invoke(app, ["pipeline", "--trunk", "tiny", "--weights", tiny_weights, "--work", str(work),
-                                 "--epochs", "1", "--finetune-epochs", "1", "--occluder", "none", "--occluder",
+                                 "--train-limit", "12", "--epochs", "1", "--finetune-epochs", "1", "--occluder", "none", "--occluder",
                                  "sunglasses", "--json", str(js), "--quiet"])
     assert r.exit_code == 0, r.output
     assert "5/5 benchmark" in r.output
@@ -24,7 +24,7 @@ def test_pipeline_runs_every_stage_and_benchmarks_the_finetuned_head(tmp_path, t
         (m, o) for m in ("baseline", "pdsn") for o in ("none", "sunglasses")}
 
     r = CliRunner().invoke(app, ["pipeline", "--trunk", "tiny", "--weights", tiny_weights, "--work",
-                                 str(tmp_path / "w2"), "--epochs", "1", "--finetune-epochs", "0", "--occluder", "none",
+                                 str(tmp_path / "w2"), "--train-limit", "12", "--epochs", "1", "--finetune-epochs", "0", "--occluder", "none",
                                  "--json", str(js), "--quiet"])
     assert r.exit_code == 0, r.output
     res = json.loads(js.read_text())

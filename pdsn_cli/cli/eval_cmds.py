@@ -207,6 +207,7 @@ def pipeline_cmd(
     per_image: int = typer.Option(1, "--per-image", help="Training pairs per image and block."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use at most N training images."),
     epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(32, "--batch-size", help="train-block: pairs per block and step."),
     tau: float = typer.Option(0.25, "--tau"),
     finetune_epochs: int = typer.Option(3, "--finetune-epochs", help="Epochs of the head fine-tuned on masked features (pdsn finetune); 0 skips that stage."),
     occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="Benchmark occlusions (default: none, sunglasses, scarf, block:12)."),
@@ -219,7 +220,7 @@ def pipeline_cmd(
 ):
     """The whole method in one command: make-pairs → train-block (all) → build-dict → finetune → benchmark."""
     cfg = PipelineConfig(work=work or work_dir() / "pipeline", data_dir=data_dir, trunk=trunk, weights=weights,
-                         mask_point=mask_point, per_image=per_image, train_limit=train_limit, epochs=epochs, tau=tau,
+                         mask_point=mask_point, per_image=per_image, train_limit=train_limit, epochs=epochs, batch_size=batch_size, tau=tau,
                          finetune_epochs=finetune_epochs, limit_pairs=limit_pairs, seed=seed, workers=workers, gpu=gpu)
     if occluder:
         cfg.occlusions = list(occluder)

@@ -87,6 +87,7 @@ def mean_block_masks(gen: MaskGenerators, feats, blocks: list[int], device, batc
     gen.eval()
     c, h, w = feats.clean.shape[1:]
     rows = [np.flatnonzero(feats.target == j) for j in blocks]
+    batch = min(batch, max(len(r) for r in rows))  # a batch longer than every block would only cycle repeats
     steps = math.ceil(max(len(r) for r in rows) / batch)
     fc_all, fo_all = as_tensor(feats.clean, device), as_tensor(feats.occluded, device)
     cidx = torch.from_numpy(feats.clean_index).to(device)
