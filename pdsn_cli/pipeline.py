@@ -12,10 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdsn_cli.atomic import atomic_output
 from pdsn_cli.eval.benchmark import BenchmarkConfig, run_benchmark
 from pdsn_cli.data.chip_cache import DataSpec
-from pdsn_cli.data.lfw import identities_outside_pairs, read_pairs
+from pdsn_cli.data.lfw import write_training_identities
 from pdsn_cli.errors import BadInputError
 from pdsn_cli.pdsn.fdm import build
 from pdsn_cli.train.finetune import FinetuneConfig, finetune
@@ -75,10 +74,8 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
         pairs_txt = Path(cfg.data_dir) / "pairs.txt"
         if not pairs_txt.is_file():
             raise BadInputError(f"--data-dir {cfg.data_dir} has no pairs.txt: the pipeline evaluates on LFW View 2")
-        ids = identities_outside_pairs(cfg.data_dir, read_pairs(pairs_txt, cfg.data_dir))
         identities = cfg.work / "train-identities.txt"
-        with atomic_output(identities) as tmp:
-            tmp.write_text("".join(f"{n}\n" for n in sorted(ids)), encoding="utf-8")
+        write_training_identities(cfg.data_dir, identities)
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
     data = DataSpec(cfg.data_dir, cfg.synthetic_identities, cfg.synthetic_images, synthetic_seed=0)
     n = 5 if cfg.finetune_epochs else 4

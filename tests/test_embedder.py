@@ -187,3 +187,25 @@ def test_one_seeding_rule_in_make_pairs_and_the_benchmarks(tmp_path):
     assert a == occluder_rng(0, OcclusionVariant("scarf"), 4).random()
     assert a != occluder_rng(0, OcclusionVariant("scarf"), 5).random()
     assert a != occluder_rng(0, OcclusionVariant("hand"), 4).random()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_one_mask_row_masks_every_row_across_head_batches(hand_dict, tiny_weights, chips, flip):
+    """Identification masks a whole group of images with the FDM of one block combination (a row axis of 1): the
+    same as that mask repeated per row, also past the head's first batch and with the flipped view's own FDM."""
+    path, fdm, _ = hand_dict
+    emb = Embedder.load("tiny", tiny_weights, path, flip=flip, head_batch_size=2)
+    feats = emb.features([chips.image])  # 6 rows: three head batches
+    combo = np.zeros((1, GRID, GRID), bool)
+    combo[0, 1, 3] = combo[0, 2, 0] = True
+    one, _ = emb.masks(combo)
+    assert len(one) == 1
+    np.testing.assert_array_equal(emb.masked(feats, one), emb.masked(feats, np.repeat(one, len(feats), axis=0)))
+
+
+def test_a_short_last_batch_never_leaves_a_process_without_rows():
+    from pdsn_cli.train.loop import steps_per_epoch
+
+    assert steps_per_epoch(10, 4, 1) == 3  # one process: the last batch of 2 is kept, as always
+    assert steps_per_epoch(9, 4, 2) == 2  # a last batch of 1 row cannot feed 2 processes: dropped
+    assert steps_per_epoch(10, 4, 2) == 3 and steps_per_epoch(8, 4, 2) == 2

@@ -10,7 +10,7 @@ import typer
 
 from pdsn_cli.atomic import check_distinct_paths, check_writable
 from pdsn_cli.cli.app import (DATA_DIR, JSON_OUT, QUIET, SYN_IDS, SYN_IMGS, app, data_spec, datasets_app, default_path,
-                              handled, in_work_dir, shown_default, write_json)
+                              handled, in_work_dir, resume_command, shown_default, write_json)
 from pdsn_cli.cli.render import Bars, kv_table, out, say, skipped_table, warn
 from pdsn_cli.data.chip_cache import export_chips
 from pdsn_cli.data.faces import read_identity_list
@@ -60,8 +60,8 @@ def make_pairs_cmd(
         block=block, grid=grid, template=template, per_image=per_image, identities=identities, limit=limit,
         seed=seed, workers=workers, append=append, resume=resume,
     )
-    argv = " ".join(sys.argv[1:])
-    hint = f"pdsn {argv}" if ("--resume" in argv or append) else f"pdsn {argv} --resume"
+    # an interrupted --append keeps nothing half-appended: running the same command again is its resume
+    hint = " ".join(["pdsn", *sys.argv[1:]]) if append else resume_command()
     with handled(resume_hint=hint):
         check_distinct_paths({"--data-dir": data_dir, "--identities": identities},
                              {"--out": out_path, "--preview": preview, "--json": json_path})

@@ -38,7 +38,7 @@ class Bars:
 
     def __init__(self, quiet: bool = False):
         self.p = Progress(
-            TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description:<14}", markup=False), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet, transient=False,
         )
         self.tasks: dict[str, int] = {}

@@ -22,6 +22,7 @@ from pdsn_cli.atomic import lock_path
 from pdsn_cli.data.chip_cache import STAMP, CacheEntry, default_cache_dir, stat_or_none
 from pdsn_cli.data.chips_h5 import KIND as CHIPS_KIND
 from pdsn_cli.data.chips_h5 import SCHEMA as CHIPS_SCHEMA
+from pdsn_cli.errors import BadInputError
 
 KINDS = ("chips", "features")
 _CHIP_FILES = re.compile(r"^(chips-.*\.h5|skipped.*\.json)$")
@@ -90,7 +91,7 @@ def clear_cache(cache_dir: Path | None = None, kinds: tuple[str, ...] = KINDS, d
     followed, and temp files of writers still running are kept. Emptied cache folders are removed."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
-        raise ValueError(f"unknown cache kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+        raise BadInputError(f"unknown --kind {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}")
     root = Path(cache_dir or default_cache_dir())
     targets: list[Path] = []
     in_progress: list[str] = []

@@ -30,7 +30,8 @@ from pdsn_cli.align.aligner import FaceAligner
 from pdsn_cli.align.templates import align_with_points, get_template
 from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps
 from pdsn_cli.data.chips_h5 import ALIGNED_DETECTED, ALIGNED_FALLBACK, ALIGNED_KNOWN, Chips, ChipsWriter
-from pdsn_cli.data.faces import BadImage, FaceItem, Skipped, list_identity_folder, read_image
+from pdsn_cli.data.faces import (TRANSIENT_REASONS, BadImage, FaceItem, Skipped, list_identity_folder,
+                                  max_decode_bytes, read_image)
 from pdsn_cli.data.h5util import open_for_writing, read_rows
 from pdsn_cli.data.synthetic import identity_name, synthetic_faces
 from pdsn_cli.errors import BadInputError
@@ -191,6 +192,7 @@ class ChipCache:
         """Align every item not cached yet (or changed since); returns what happened (the cache then holds all
         decodable items). On Ctrl-C the images aligned so far are written to the cache before it propagates."""
         rep = AlignReport(images=len(items))
+        max_decode_bytes()  # a bad PDSN_MAX_IMAGE_MB is refused here, not as a skip reason of every image
         entries = self.entries()
         bad = self._bad()
         todo, stamps = [], {}
@@ -238,7 +240,8 @@ class ChipCache:
             for rel, res, reason in results:
                 done += 1
                 if res is None:
-                    found_bad[rel] = (stamps[rel], reason)
+                    if not reason.startswith(TRANSIENT_REASONS):  # a later run with more memory may succeed
+                        found_bad[rel] = (stamps[rel], reason)
                     rep.skipped.append(Skipped(rel, reason))
                 else:
                     buf.append((rel, res))

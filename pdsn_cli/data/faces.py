@@ -66,9 +66,21 @@ def printable(name: str) -> str:
     return text.translate(_CONTROL_ESCAPES)
 
 
+#: skip reasons that depend on this run's settings or memory, not on the file: never remembered for later runs
+TRANSIENT_REASONS = ("image too large to decode", "out of memory")
+
+
 def max_decode_bytes() -> int:
     mb = os.environ.get("PDSN_MAX_IMAGE_MB", "").strip()
-    return int(float(mb) * 2**20) if mb else MAX_DECODE_BYTES
+    if not mb:
+        return MAX_DECODE_BYTES
+    try:
+        value = float(mb)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise BadInputError(f"PDSN_MAX_IMAGE_MB must be a positive number of megabytes, got {mb!r}")
+    return int(value * 2**20)
 
 
 def decode_bytes(mode: str, width: int, height: int) -> int:

@@ -139,19 +139,20 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         feats = embedder.features([s.chips.image for s in sets], stage("features"))
     if not np.isfinite(feats).all():
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
+    f1 = feats[vs.i1]  # the first images are never occluded: their baseline embeddings serve every variant
+    plain1 = None if cfg.jitter else embedder.plain(f1, normalize)
     rows, curves, shown = [], {}, {}
     for vi, variant in enumerate(variants):
         occ_sets = [s.occlude_second(variant, grid, cfg.seed) for s in sets]
         occ_chips, occ = occ_sets[0]
         shown[variant.name] = occ_chips[:8]
-        f1 = feats[vs.i1]
         if cfg.jitter:
             f2 = feats[vs.i2] if variant.is_clean else embedder.jittered(
                 occ_chips, [vs.chips.source[i] for i in vs.i2], normalize)
             results = {"baseline": pair_scores(f1, f2, cfg.metric)}
         else:
             f2 = feats[vs.i2] if variant.is_clean else embedder.features([c for c, _ in occ_sets])
-            plain = [embedder.plain(f, normalize) for f in (f1, f2)]
+            plain = [plain1, embedder.plain(f2, normalize)]
             results = {"baseline": pair_scores(*plain, cfg.metric)}
         if dictionary is not None:
             # the occluded image's FDM masks both images (the paper's protocol), or only the occluded one

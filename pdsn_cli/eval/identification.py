@@ -442,7 +442,7 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
             hits = np.zeros(cfg.ranks, np.int64)
             for ci, combo in enumerate(combos):
                 sel = p_idx[which == ci]
-                mask = embedder.masks(combo[None])[0][0]
+                mask = embedder.masks(combo[None])[0]  # one row: every image of the group
                 hits += closed_set_ranks(embedder.masked(feats[sel], mask), embedder.masked(feats[g_idx], mask),
                                          subject[g_idx], subject[sel], cfg.ranks)
             results["pdsn"] = hits

@@ -158,8 +158,11 @@ class Embedder:
         return self._head(self.trunk, features, None, normalize)
 
     def masked(self, features, masks: np.ndarray, normalize: bool = True) -> np.ndarray:
-        """PDSN embeddings: features ⊙ FDM (``masks``: one per row, or one C×H×W for all) through the fine-tuned
-        head when the dictionary has one."""
+        """PDSN embeddings: features ⊙ FDM through the fine-tuned head when the dictionary has one. ``masks``: one
+        per row, or one for every row with a row axis of 1 (what :meth:`masks` gives for one block combination)."""
+        masks = np.asarray(masks)
+        if len(masks) == 1 and len(features) != 1:  # a view: the head reads it batch by batch
+            masks = np.broadcast_to(masks, (len(features), *masks.shape[1:]))
         return self._head(self.masked_trunk, features, masks, normalize)
 
     def jittered(self, chips: np.ndarray, sources: list[str], normalize: bool = True, progress=None) -> np.ndarray:

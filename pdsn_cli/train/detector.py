@@ -31,7 +31,7 @@ from pdsn_cli.data.h5util import read_strings
 from pdsn_cli.device import seed_everything
 from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
 from pdsn_cli.pdsn.detector import DetectorNet, OcclusionDetector, resize_chips, to_tensor
-from pdsn_cli.train.loop import Checkpoints, Processes, Task, train
+from pdsn_cli.train.loop import Checkpoints, Processes, Task, steps_per_epoch, train
 from pdsn_cli.train.splits import split_by_source
 
 __all__ = ["TrainDetectorConfig", "DetectorData", "read_detector_data", "block_metrics", "train_detector"]
@@ -227,7 +227,7 @@ class _DetectorTask(Task):
                  val_idx: np.ndarray, procs: Processes):
         self.cfg, self.net, self.data, self.val_idx, self.procs = cfg, net, data, val_idx, procs
         self.model, self.modules = net, {"model": net}
-        self.epochs, self.steps_per_epoch = cfg.epochs, math.ceil(len(train_idx) / cfg.batch_size)
+        self.epochs, self.steps_per_epoch = cfg.epochs, steps_per_epoch(len(train_idx), cfg.batch_size, procs.world)
         # one stream draws the epoch order and the augmentation (each process its own; rank 0's order is used)
         self.generators = {"augment": torch.Generator().manual_seed(cfg.seed + 7_919 * procs.rank)}
         # the whole (resized, uint8) training set lives on the device: at 80×80 that is 19 KB a chip

@@ -35,7 +35,7 @@ from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
 from pdsn_cli.pdsn import fdm as fdm_mod
 from pdsn_cli.pdsn.embedder import Embedder
 from pdsn_cli.pdsn.mask_generator import cosface_logits
-from pdsn_cli.train.loop import Checkpoints, Processes, Task, train
+from pdsn_cli.train.loop import Checkpoints, Processes, Task, steps_per_epoch, train
 from pdsn_cli.train.splits import holdout_identities
 from pdsn_cli.trunks.features import as_tensor
 
@@ -124,7 +124,7 @@ class _FinetuneTask(Task):
         self.FC, self.FO, self.M, self.T = tensors
         self.label, self.centres, self.tr, self.ho = label, centres, tr, ho
         self.model, self.modules = _StudentHead(student, point), {"student": student}
-        self.epochs, self.steps_per_epoch = cfg.epochs, int(np.ceil(len(tr) / cfg.batch_size))
+        self.epochs, self.steps_per_epoch = cfg.epochs, steps_per_epoch(len(tr), cfg.batch_size, procs.world)
         self.use_id = cfg.identity_weight > 0
         self.history: list[dict] = []
         self.best = None  # (held-out score, epoch, head state)

@@ -33,7 +33,7 @@ from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
 from pdsn_cli.train.processes import Processes
 from pdsn_cli.trunks.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["Task", "Checkpoints", "Outcome", "StepLR", "train", "Processes"]
+__all__ = ["Task", "Checkpoints", "Outcome", "StepLR", "train", "Processes", "steps_per_epoch"]
 
 #: on CUDA the host reads the step statistics this often (and at every checkpoint and epoch end)
 SYNC_EVERY = 25
@@ -82,6 +82,14 @@ class Task:
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Take back what :meth:`state_dict` gave from the ``checkpoint``."""
+
+
+def steps_per_epoch(rows: int, batch_size: int, world: int) -> int:
+    """Steps of an epoch whose global batches of ``batch_size`` rows are dealt out over ``world`` processes (every
+    ``world``-th row each): a last batch too short to give every process a row is dropped, since a process
+    without rows would average an empty batch (NaN)."""
+    steps = math.ceil(rows / batch_size)
+    return steps - 1 if steps > 1 and 0 < rows % batch_size < world else steps
 
 
 @dataclass

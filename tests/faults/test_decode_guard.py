@@ -17,6 +17,7 @@ from pdsn_cli.align.aligner import HOG_MAX_SIDE, FaceAligner
 from pdsn_cli.align.templates import align_with_points
 from pdsn_cli.data.chip_cache import ChipCache
 from pdsn_cli.data.faces import BadImage, FaceItem, read_image
+from pdsn_cli.errors import BadInputError
 
 pytestmark = needs_dlib
 
@@ -89,3 +90,26 @@ def test_out_of_memory_while_aligning_skips_the_file_instead_of_crashing(huge, t
     monkeypatch.setattr(FaceAligner, "find_points", no_memory)
     rep = ChipCache(root, "arc112x96", tmp_path).ensure([FaceItem("person/small.png", "person")])
     assert [(s.path, s.reason) for s in rep.skipped] == [("person/small.png", "out of memory while aligning (250×250)")]
+
+
+def test_a_skip_that_depends_on_memory_is_not_remembered(huge, tmp_path, monkeypatch):
+    """The ceiling and an out-of-memory are this run's, not the file's: a later run with more room retries."""
+    root, _, _ = huge
+    cache = ChipCache(root, "arc112x96", tmp_path)
+
+    def no_memory(self, image):
+        raise MemoryError("std::bad_alloc")
+
+    with monkeypatch.context() as m:
+        m.setattr(FaceAligner, "find_points", no_memory)
+        assert [s.path for s in cache.ensure([FaceItem("person/small.png", "person")]).skipped] == ["person/small.png"]
+    rep = cache.ensure([FaceItem("person/small.png", "person")])
+    assert rep.skipped == [] and rep.aligned_now == 1
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5"])
+def test_a_bad_memory_ceiling_is_refused_once_not_blamed_on_every_image(huge, tmp_path, monkeypatch, value):
+    root, _, _ = huge
+    monkeypatch.setenv("PDSN_MAX_IMAGE_MB", value)
+    with pytest.raises(BadInputError, match="PDSN_MAX_IMAGE_MB must be a positive number"):
+        ChipCache(root, "arc112x96", tmp_path).ensure([FaceItem("person/small.png", "person")])
