@@ -305,6 +305,12 @@ class ChipCache:
             found[s] = next((e for e in reversed(cands) if e.fresh(st)), cands[-1])
         return found
 
+    def content_key(self, sources: list[str]) -> str:
+        """A digest of which cached chip each source resolves to (shard and row): it changes when a photo was
+        replaced and aligned again, so caches derived from these chips (trunk features) never outlive them."""
+        idx = self._lookup(sources)
+        return hashlib.sha1("|".join(f"{s}:{idx[s].shard.name}:{idx[s].row}" for s in sources).encode()).hexdigest()
+
     def load(self, sources: list[str]) -> Chips:
         """Chips for ``sources`` (all cached), in that order; labels index the identities in order of appearance."""
         idx = self._lookup(sources)

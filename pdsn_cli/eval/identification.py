@@ -289,7 +289,8 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
     sizes = [s for s in sizes if s > 0]
 
     key = hashlib.sha1("|".join([str(dcache.dir), trunk.name, str(cfg.weights), point, str(cfg.flip),
-                                 trunk.template] + dist_sources).encode()).hexdigest()[:16]
+                                 trunk.template, dcache.content_key(dist_sources)] + dist_sources
+                                ).encode()).hexdigest()[:16]
     store = DistractorFeatures.build(dcache, dist_sources, embedder, key, cfg.cache_dir, stage("distractor features"))
     by_id = [np.flatnonzero(pchips.label == c) for c in range(len(pchips.identity))]
     probes = ProbeSide(pchips, embedder.features([pchips.image], stage("probe features")), by_id)

@@ -103,6 +103,24 @@ def test_photo_replaced_by_another_file_with_the_same_size_and_mtime_is_aligned_
     assert rep.aligned_now == 1 and not np.array_equal(new, old)
 
 
+def test_caches_derived_from_chips_see_a_replaced_photo(tmp_path):
+    """``content_key`` (what the MegaFace distractor-feature cache is keyed by) changes when a photo is replaced
+    and aligned again, and only then."""
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    items = folder(root)
+    sources = [it.path for it in items]
+    c = ChipCache(root, TEMPLATE, cache)
+    c.ensure(items)
+    before = c.content_key(sources)
+    c2 = ChipCache(root, TEMPLATE, cache)
+    c2.ensure(items)
+    assert c2.content_key(sources) == before  # nothing changed: the features cache is reused
+    photo(root / "p" / "2.ppm", seed=99, mtime_ns=1_800_000_000_000_000_000)
+    c3 = ChipCache(root, TEMPLATE, cache)
+    assert c3.ensure(items).aligned_now == 1
+    assert c3.content_key(sources) != before
+
+
 def test_repaired_file_is_tried_again(tmp_path):
     root, cache = tmp_path / "data", tmp_path / "cache"
     p = photo(root / "p" / "a.ppm", seed=1)
