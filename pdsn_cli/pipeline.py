@@ -15,7 +15,7 @@ from pathlib import Path
 from pdsn_cli.eval.benchmark import BenchmarkConfig, run_benchmark
 from pdsn_cli.data.chip_cache import DataSpec
 from pdsn_cli.data.lfw import write_training_identities
-from pdsn_cli.errors import BadInputError
+from pdsn_cli.errors import BadInputError, check_training_options
 from pdsn_cli.pdsn.fdm import build
 from pdsn_cli.train.finetune import FinetuneConfig, finetune
 from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
@@ -56,9 +56,7 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     resolve_device(cfg.gpu)
     if not 0.0 < cfg.tau < 1.0:
         raise BadInputError(f"--tau must be in (0, 1), got {cfg.tau}")
-    for name, v in (("--epochs", cfg.epochs), ("--per-image", cfg.per_image), ("--batch-size", cfg.batch_size)):
-        if v < 1:
-            raise BadInputError(f"{name} must be ≥ 1, got {v}")
+    check_training_options(epochs=cfg.epochs, per_image=cfg.per_image, batch_size=cfg.batch_size)
     if cfg.finetune_epochs < 0:
         raise BadInputError(f"--finetune-epochs must be ≥ 0, got {cfg.finetune_epochs}")
     parse_occlusions(cfg.occlusions, 5)

@@ -27,11 +27,12 @@ from pdsn_cli.atomic import atomic_output, check_resumable, check_writable
 from pdsn_cli.data import pairs_h5
 from pdsn_cli.data.chip_cache import default_cache_dir
 from pdsn_cli.data.make_pairs import parse_blocks
-from pdsn_cli.errors import BadInputError, SchemaError
+from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
 from pdsn_cli.pdsn.mask_generator import CKPT_KIND, MaskGenerators, load_blocks_file, mean_block_masks, pdsn_loss
 from pdsn_cli.train.loop import Checkpoints, Processes, Task, train
 from pdsn_cli.trunks import build_trunk
 from pdsn_cli.trunks.features import as_tensor, embed_features, extract_features
+from pdsn_cli.trunks.checkpoint import save_checkpoint
 
 CHECKPOINT_FORMAT = "pdsn-train-block"
 # load_blocks_file, CKPT_KIND, MaskGenerators and mean_block_masks live in pdsn.mask_generator; named here too,
@@ -228,11 +229,7 @@ def _train_blocks(cfg: TrainBlockConfig, procs: Processes, progress, log) -> dic
     device = procs.device
     check_writable(cfg.out)
     check_resumable(cfg.out, cfg.out.with_name(cfg.out.name + ".ckpt"), cfg.resume)
-    for name, v in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
-        if v < 1:
-            raise BadInputError(f"{name} must be ≥ 1, got {v}")
-    if not cfg.lr > 0:
-        raise BadInputError(f"--lr must be > 0, got {cfg.lr}")
+    check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr)
     if cfg.optimizer not in ("sgd", "adam"):
         raise BadInputError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
     with pairs_h5.open_pairs(cfg.pairs) as f:
@@ -277,7 +274,7 @@ def _train_blocks(cfg: TrainBlockConfig, procs: Processes, progress, log) -> dic
     if procs.main:
         payload = dict(meta, generators={k: v.cpu() for k, v in gen.state_dict().items()},
                        mean_masks=torch.from_numpy(mean_masks), history=task.history)
-        _torch_save(payload, cfg.out)
+        save_checkpoint(cfg.out, **payload)
         ckpt.unlink(missing_ok=True)
     procs.barrier()
     pairs = int(procs.all_sum(torch.tensor([len(feats.target)], device=device)).item())
@@ -297,8 +294,3 @@ def _train_blocks(cfg: TrainBlockConfig, procs: Processes, progress, log) -> dic
 
 def _stage(progress, name):
     return (lambda d, n: progress(name, d, n)) if progress else None
-
-
-def _torch_save(obj, path: Path) -> None:
-    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)  # through a Python file: a full disk then raises OSError(ENOSPC), not a bare RuntimeError
