@@ -14,6 +14,7 @@ Rows are written in chunks to ``<out>.partial``; ``--resume`` continues after th
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,10 @@ from pdsn_cli.data import chips_h5, pairs_h5
 from pdsn_cli.data.chip_cache import AlignReport, ChipCache, chips_from_arrays
 from pdsn_cli.data.faces import FaceItem, list_identity_folder, printable, resolve_inside
 from pdsn_cli.data.h5util import STR, append_rows, make_growable, open_for_writing, stamp
-from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError, JobFailed, SchemaError
 from pdsn_cli.pdsn.embedder import Embedder
+from pdsn_cli.pdsn.models import apply_model
+from pdsn_cli.train.processes import Processes
 
 KIND = "embeddings"
 SCHEMA = 1
@@ -46,6 +48,8 @@ class EmbedConfig:
     data_dir: Path | None = None  # root for relative paths of a list file
     dict_path: Path | None = None
     occlusion_source: str = "detector"  # oracle (pairs files only) | detector
+    #: a PDSN model (``builtin``, a built-in name or an exported folder): its dictionary and detector
+    model: str | None = None
     detector: Path | None = None
     block_threshold: float = 0.25
     flip: bool = False
@@ -59,12 +63,14 @@ class EmbedConfig:
     compile: str = "auto"
 
 
-def _load_input(cfg: EmbedConfig, template: str, progress=None):
-    """(chips, occupancy or None, report) for any supported input."""
+def _load_input(cfg: EmbedConfig, template: str, progress=None, shard: tuple[int, int] = (0, 1)):
+    """(chips, occupancy or None, report, (lo, hi)) for any supported input: the rows lo..hi of ``chips`` are the
+    ``shard`` (rank, world) this process embeds. Images to align are sharded before aligning (each process aligns
+    its own); files of chips are read row range by row range."""
     p = cfg.input
     if p.is_dir():
         items, skipped = list_identity_folder(p)
-        return _align(p, items, skipped, template, cfg, progress)
+        return _align(p, items, skipped, template, cfg, progress, shard)
     if not p.is_file():
         raise BadInputError(f"input not found: {p}")
     if p.suffix in (".h5", ".hdf5"):
@@ -82,13 +88,14 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None):
             img = pr.clean if cfg.which == "clean" else pr.occluded
             occ = pr.blocks if cfg.which == "occluded" else np.zeros_like(pr.blocks)
             ids = [pr.identity[i] for i in pr.label]
-            return chips_from_arrays(img, pr.landmarks, ids, pr.source, np.zeros(len(ids)), template, False), occ, AlignReport(images=len(ids))
+            chips = chips_from_arrays(img, pr.landmarks, ids, pr.source, np.zeros(len(ids)), template, False)
+            return chips, occ, AlignReport(images=len(ids)), shard_bounds(len(ids), *shard)
         if kind == chips_h5.KIND:
             # images stay in the file and are read chunk by chunk, while the GPU works on the previous one
             ch = chips_h5.read_chips(p, lazy_images=True)
             if ch.template != template:
                 raise SchemaError(f"{p} holds {ch.template} chips, trunk needs {template}")
-            return ch, None, AlignReport(images=len(ch))
+            return ch, None, AlignReport(images=len(ch)), shard_bounds(len(ch), *shard)
         raise SchemaError(f"{p} is not a pdsn chips or pairs file (pdsn_kind={kind!r})")
     # a text list of image paths
     root = cfg.data_dir or p.parent
@@ -105,23 +112,50 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None):
                               None if printable(line) == line else line))
     if not items:
         raise BadInputError(f"{p} lists no image")
-    return _align(Path(root), items, [], template, cfg, progress)
+    return _align(Path(root), items, [], template, cfg, progress, shard)
 
 
-def _align(root, items, skipped, template, cfg, progress):
+def _align(root, items, skipped, template, cfg, progress, shard):
+    lo, hi = shard_bounds(len(items), *shard)
     chips, rep = ChipCache(root, template, cfg.cache_dir).ensure_and_load(
-        items, skipped, cfg.workers, progress, what=f"the images in {cfg.input}")
-    return chips, None, rep
+        items[lo:hi], skipped if shard[0] == 0 else [], cfg.workers, progress,
+        what=f"the images in {cfg.input}" + (f" (shard {shard[0] + 1} of {shard[1]})" if shard[1] > 1 else ""))
+    return chips, None, rep, (0, len(chips))
 
 
-def embed(cfg: EmbedConfig, progress=None) -> dict:
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows rank·n/world .. (rank+1)·n/world: contiguous shards, so that merging them in rank order keeps the input
+    order."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.shard-{rank:05d}-of-{world:05d}")
+
+
+def embed(cfg: EmbedConfig, progress=None) -> dict | None:
+    """Embed ``cfg.input`` into ``cfg.out``. Under ``torchrun`` each process embeds a contiguous shard of the inputs
+    into ``<out>.shard-R-of-W`` and rank 0 merges them, in input order, into ``<out>`` (``--resume`` keeps the
+    complete shards of an interrupted run); only rank 0 returns the result."""
+    with Processes(cfg.gpu) as procs:
+        return _embed(cfg, procs, progress if procs.main else None)
+
+
+def _embed(cfg: EmbedConfig, procs: Processes, progress) -> dict | None:
     t0 = time.perf_counter()
-    device = resolve_device(cfg.gpu)
+    device = procs.device
     check_writable(cfg.out)
-    check_resumable(cfg.out, partial_path(cfg.out), cfg.resume)
+    shards = [shard_path(cfg.out, r, procs.world) for r in range(procs.world)] if procs.distributed else []
+    if not procs.distributed:
+        check_resumable(cfg.out, partial_path(cfg.out), cfg.resume)
+    elif cfg.resume and cfg.out.exists() and not any(p.exists() for p in shards):
+        raise BadInputError(f"--resume: no shard of an interrupted run beside {cfg.out}; remove it or choose "
+                            "another --out")
     if cfg.batch_size < 1:
         raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
     check_precision(cfg.precision)
+    cfg.dict_path, cfg.detector, cfg.occlusion_source, cfg.weights = apply_model(
+        cfg.model, cfg.dict_path, cfg.detector, cfg.occlusion_source, cfg.weights, cfg.trunk)
     # without a dictionary nothing is masked, so --occlusion is moot
     embedder = Embedder.load(cfg.trunk, cfg.weights, cfg.dict_path,
                              cfg.occlusion_source if cfg.dict_path else "oracle", cfg.detector, device,
@@ -129,65 +163,155 @@ def embed(cfg: EmbedConfig, progress=None) -> dict:
                              head_batch_size=max(256, cfg.batch_size), precision=cfg.precision, compile=cfg.compile)
     trunk, point, dictionary = embedder.trunk, embedder.point, embedder.dictionary
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
-    chips, occ, rep = _load_input(cfg, trunk.template, stage("align"))
+    chips, occ, rep, (lo, hi) = _load_input(cfg, trunk.template, stage("align"), (procs.rank, procs.world))
     if dictionary is not None and cfg.occlusion_source == "oracle" and occ is None:
         raise BadInputError("--occlusion oracle needs a pairs file as input (its occlusion masks are known)")
     if dictionary is not None and cfg.occlusion_source == "oracle" and occ.shape[1:] != (dictionary.grid,) * 2:
         raise SchemaError(f"{cfg.input} marks occlusions on a {occ.shape[1]}×{occ.shape[2]} grid, {cfg.dict_path} "
                           f"has a {dictionary.grid}×{dictionary.grid} grid")
-    c, h, w = trunk.feature_shape(point)
-    tmp = partial_path(cfg.out)
-    start = _resume_rows(tmp, trunk.name, point) if cfg.resume and tmp.exists() else 0
-    empty_total = 0
-    with atomic_output(cfg.out, keep_partial_on_interrupt=True) as tmp_out:
+    attrs = dict(trunk=trunk.name, mask_point=point, template=trunk.template, flip=cfg.flip,
+                 dictionary=str(cfg.dict_path or ""), occlusion_source=cfg.occlusion_source if dictionary else "")
+    writer = _Writer(embedder, chips, occ, cfg.features, attrs, device, progress)
+    if not procs.distributed:
+        tmp = partial_path(cfg.out)
+        start = _resume_rows(tmp, trunk.name, point) if cfg.resume and tmp.exists() else 0
+        with atomic_output(cfg.out, keep_partial_on_interrupt=True) as tmp_out:
+            writer.write(tmp_out, lo, hi, start)
+        resumed, report = start, rep.as_dict()
+    else:
+        mine, reused = shards[procs.rank], False
+        if cfg.resume and _complete_shard(mine, attrs, str(cfg.input), cfg.features):
+            with h5py.File(mine, "r") as f:
+                report, writer.fallbacks, reused = json.loads(f.attrs["align_report"]), int(f.attrs["fallbacks"]), True
+        else:
+            report = rep.as_dict()
+            with atomic_output(mine) as tmp_out:
+                writer.write(tmp_out, lo, hi, 0, shard=dict(input=str(cfg.input), features=cfg.features,
+                                                            align_report=json.dumps(report)))
+        parts = procs.gather((report, writer.fallbacks, reused))
+        if not procs.main:
+            return None
+        _merge_shards(shards, cfg.out)
+        for p in shards:
+            p.unlink()
+        report = _merge_reports([r for r, _, _ in parts])
+        writer.fallbacks = sum(f for _, f, _ in parts)
+        resumed = sum(r for _, _, r in parts)
+    with h5py.File(cfg.out, "r") as f:
+        images, identities = len(f["embedding"]), len(f["identity"])
+    return {
+        "out": str(cfg.out), "input": str(cfg.input), "trunk": trunk.name, "mask_point": point,
+        "images": images, "identities": identities, "embedding_dim": trunk.embedding_dim,
+        "flip": cfg.flip, "features": cfg.features, "dictionary": str(cfg.dict_path) if cfg.dict_path else None,
+        "all_blocks_discarded_fallbacks": writer.fallbacks, "align": report,
+        "seconds": round(time.perf_counter() - t0, 2), "device": str(device), "world_size": procs.world,
+        # one process: rows kept from an interrupted run; torchrun: shards kept
+        "resumed_from": resumed,
+        "precision": "bf16" if device.type == "cuda" and cfg.precision == "bf16" else "fp32",
+    }
+
+
+class _Writer:
+    """Embeds rows lo..hi of the chips into an embeddings file, chunk by chunk (the unit of ``--resume``)."""
+
+    def __init__(self, embedder: Embedder, chips, occ, features: bool, attrs: dict, device, progress):
+        self.embedder, self.chips, self.occ, self.features, self.attrs = embedder, chips, occ, features, attrs
+        self.device, self.progress, self.fallbacks = device, progress, 0
+
+    def write(self, path: Path, lo: int, hi: int, start: int, shard: dict | None = None) -> None:
+        emb, chips, occ = self.embedder, self.chips, self.occ
+        trunk = emb.trunk
+        c, h, w = trunk.feature_shape(emb.point)
         if start == 0:
-            with open_for_writing(tmp_out) as f:
-                stamp(f, KIND, SCHEMA, trunk=trunk.name, mask_point=point, template=trunk.template, flip=cfg.flip,
-                      dictionary=str(cfg.dict_path or ""), occlusion_source=cfg.occlusion_source if dictionary else "",
-                      complete=False)
+            with open_for_writing(path) as f:
+                stamp(f, KIND, SCHEMA, **self.attrs, complete=False)
                 make_growable(f, "embedding", (trunk.embedding_dim,), np.float32, compress=False)
-                if cfg.features:
+                if self.features:
                     make_growable(f, "features", (c, h, w), np.float32, chunk_rows=16)
                 make_growable(f, "fdm_kept", (), np.float32, compress=False)
                 make_growable(f, "label", (), np.int64, compress=False)
                 make_growable(f, "source", (), STR, compress=False)
-                f.create_dataset("identity", data=np.array(chips.identity, dtype=object), dtype=STR)
-        with interrupt_between_steps() as check_interrupt, open_for_writing(tmp_out, "r+") as f:
+                names = chips.identity if lo == 0 and hi == len(chips) else \
+                    list(dict.fromkeys(chips.identity[i] for i in chips.label[lo:hi]))
+                f.create_dataset("identity", data=np.array(names, dtype=object), dtype=STR)
+                for k, v in (shard or {}).items():
+                    f.attrs[k] = v
+        with interrupt_between_steps() as check_interrupt, open_for_writing(path, "r+") as f:
+            at = {n: i for i, n in enumerate(f["identity"].asstr()[()].tolist())}
+            relabel = np.array([at.get(n, -1) for n in chips.identity], np.int64)
             # a GPU wants several batches queued per chunk; on the CPU small chunks make resuming finer
-            chunk = CHUNK if device.type == "cpu" else max(CHUNK, 8 * cfg.batch_size)
-            starts = list(range(start, len(chips), chunk))
-            rows = chips.image[starts[0]:starts[0] + chunk] if starts else None
+            chunk = CHUNK if self.device.type == "cpu" else max(CHUNK, 8 * emb.batch_size)
+            starts = list(range(lo + start, hi, chunk))
+            rows = chips.image[starts[0]:min(starts[0] + chunk, hi)] if starts else None
             for a in starts:
-                sl = slice(a, min(a + chunk, len(chips)))
+                sl = slice(a, min(a + chunk, hi))
                 cur = rows
-                feats = embedder.features([cur], on_device=True)
+                feats = emb.features([cur], on_device=True)
                 # the next chunk is read (HDF5, disk) while the device still works on this one
-                rows = chips.image[sl.stop:sl.stop + chunk] if sl.stop < len(chips) else None
-                out = embedder.from_features(feats, cur, occ[sl] if occ is not None else None)
-                empty_total += out.fallbacks
-                emb = out.embeddings
-                if not np.isfinite(emb).all():
+                rows = chips.image[sl.stop:min(sl.stop + chunk, hi)] if sl.stop < hi else None
+                out = emb.from_features(feats, cur, occ[sl] if occ is not None else None)
+                self.fallbacks += out.fallbacks
+                if not np.isfinite(out.embeddings).all():
                     raise JobFailed(f"trunk {trunk.name} gives non-finite embeddings (NaN/inf) for images "
                                     f"{sl.start}..{sl.stop - 1}; check --weights")
-                append_rows(f["embedding"], emb)
-                if cfg.features:
-                    append_rows(f["features"], (feats[:, 0] if cfg.flip else feats).cpu().numpy())
+                append_rows(f["embedding"], out.embeddings)
+                if self.features:
+                    append_rows(f["features"], (feats[:, 0] if emb.flip else feats).cpu().numpy())
                 append_rows(f["fdm_kept"], out.kept)
-                append_rows(f["label"], chips.label[sl])
+                append_rows(f["label"], relabel[chips.label[sl]])
                 append_rows(f["source"], chips.source[sl])
                 f.flush()
-                if progress:
-                    progress("embed", sl.stop, len(chips))
+                if self.progress:
+                    self.progress("embed", sl.stop - lo, hi - lo)
                 check_interrupt()
             f.attrs["complete"] = True
-    return {
-        "out": str(cfg.out), "input": str(cfg.input), "trunk": trunk.name, "mask_point": point,
-        "images": len(chips), "identities": len(chips.identity), "embedding_dim": trunk.embedding_dim,
-        "flip": cfg.flip, "features": cfg.features, "dictionary": str(cfg.dict_path) if cfg.dict_path else None,
-        "all_blocks_discarded_fallbacks": empty_total, "resumed_from": start, "align": rep.as_dict(),
-        "seconds": round(time.perf_counter() - t0, 2), "device": str(device),
-        "precision": "bf16" if device.type == "cuda" and cfg.precision == "bf16" else "fp32",
-    }
+            f.attrs["fallbacks"] = self.fallbacks
+
+
+def _complete_shard(path: Path, attrs: dict, input: str, features: bool) -> bool:
+    """A shard written by an earlier run of the same command, whole."""
+    try:
+        with h5py.File(path, "r") as f:
+            same = all(f.attrs.get(k) == v for k, v in attrs.items())
+            return bool(same and f.attrs.get("complete") and f.attrs.get("input") == input
+                        and bool(f.attrs.get("features")) == features)
+    except OSError:
+        return False
+
+
+def _merge_shards(shards: list[Path], out: Path) -> None:
+    """The shards, in rank order, as one embeddings file; identities in order of first appearance (as one process
+    would have listed them)."""
+    names: dict[str, int] = {}
+    with atomic_output(out) as tmp, open_for_writing(tmp) as fo:
+        for k, path in enumerate(shards):
+            with h5py.File(path, "r") as fi:
+                if k == 0:
+                    for key, v in fi.attrs.items():
+                        if key not in ("input", "features", "align_report", "fallbacks"):
+                            fo.attrs[key] = v
+                    for name in ("embedding", "features", "fdm_kept", "label", "source"):
+                        if name in fi:
+                            d = fi[name]
+                            fo.create_dataset(name, shape=(0, *d.shape[1:]), maxshape=(None, *d.shape[1:]),
+                                              dtype=d.dtype, chunks=d.chunks, compression=d.compression)
+                own = fi["identity"].asstr()[()].tolist()
+                to_global = np.array([names.setdefault(n, len(names)) for n in own], np.int64)
+                for a in range(0, len(fi["embedding"]), CHUNK):
+                    for name in ("embedding", "features", "fdm_kept", "source"):
+                        if name in fi:
+                            append_rows(fo[name], fi[name][a:a + CHUNK])
+                    append_rows(fo["label"], to_global[fi["label"][a:a + CHUNK]])
+        fo.create_dataset("identity", data=np.array(list(names), dtype=object), dtype=STR)
+        fo.attrs["complete"] = True
+
+
+def _merge_reports(reports: list[dict]) -> dict:
+    out = dict(reports[0])
+    for r in reports[1:]:
+        for k, v in r.items():
+            out[k] = out[k] + v
+    return out
 
 
 def _resume_rows(tmp: Path, trunk: str, point: str) -> int:

@@ -21,7 +21,10 @@ from pdsn_cli.train.finetune import FinetuneConfig, finetune
 from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
 from pdsn_cli.device import resolve_device
 from pdsn_cli.occlusion.driver import parse_occlusions
-from pdsn_cli.trunks import build_trunk
+from pdsn_cli.eval.scores import write_scores
+from pdsn_cli.pdsn.models import calibrate_model, export_model, model_figures, training_summary
+from pdsn_cli.train.detector import TrainDetectorConfig, train_detector
+from pdsn_cli.trunks import PACKAGED_WEIGHTS, build_trunk
 from pdsn_cli.train.blocks import TrainBlockConfig, train_blocks
 
 
@@ -48,6 +51,11 @@ class PipelineConfig:
     seed: int = 0
     workers: int = 1
     gpu: int | None = None
+    #: also train the occlusion detector (on the block and random-occluder pairs), benchmark with it, calibrate
+    #: the verification threshold on that benchmark's scores and pack a model folder here (pdsn export-model)
+    export_model: Path | None = None
+    #: the command line that ran this pipeline, recorded in the exported model
+    command: str | None = None
 
 
 def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
@@ -59,6 +67,11 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     check_training_options(epochs=cfg.epochs, per_image=cfg.per_image, batch_size=cfg.batch_size)
     if cfg.finetune_epochs < 0:
         raise BadInputError(f"--finetune-epochs must be ≥ 0, got {cfg.finetune_epochs}")
+    if cfg.export_model is not None and not cfg.finetune_epochs:
+        raise BadInputError("--export-model ships the fine-tuned head: --finetune-epochs must be ≥ 1")
+    if cfg.export_model is not None and cfg.trunk not in PACKAGED_WEIGHTS and cfg.weights is None:
+        raise BadInputError(f"--export-model: trunk {cfg.trunk} has no weights in the install; give --weights "
+                            "(they are copied into the model)")
     parse_occlusions(cfg.occlusions, 5)
     trunk = build_trunk(cfg.trunk, cfg.weights)
     trunk.check_point(cfg.mask_point)
@@ -76,7 +89,7 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
         write_training_identities(cfg.data_dir, identities)
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
     data = DataSpec(cfg.data_dir, cfg.synthetic_identities, cfg.synthetic_images, synthetic_seed=0)
-    n = 5 if cfg.finetune_epochs else 4
+    n = (5 if cfg.finetune_epochs else 4) + (2 if cfg.export_model is not None else 0)
     say(f"1/{n} make-pairs --block all on {data.describe()}")
     pairs = make_pairs(MakePairsConfig(
         out=cfg.work / "pairs-blocks.h5", data=data, block="all", template=trunk.template,
@@ -105,11 +118,30 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
             out=cfg.work / "dict-ft.h5", weights=cfg.weights, epochs=cfg.finetune_epochs, seed=cfg.seed, gpu=cfg.gpu,
         ), progress=progress)
         dict_path = cfg.work / "dict-ft.h5"
-    say(f"{n}/{n} benchmark: baseline vs PDSN (oracle occlusion)")
+    detector = model = None
+    if cfg.export_model is not None:
+        say(f"5/{n} train-detector on the block and random-occluder pairs")
+        detector = train_detector(TrainDetectorConfig(
+            pairs=[cfg.work / "pairs-blocks.h5", cfg.work / "pairs-random.h5"], out=cfg.work / "detector.pt",
+            seed=cfg.seed, gpu=cfg.gpu), progress=progress)
+        # the files are packed first, so that the benchmark measures (and calibrates) exactly what ships
+        packed_weights = cfg.weights if cfg.trunk not in PACKAGED_WEIGHTS else None
+        export_model(dict_path, cfg.work / "detector.pt", cfg.export_model, name=cfg.export_model.name,
+                     weights=packed_weights, training=training_summary({"pairs": pairs, "train_block": blocks,
+                                                                        "finetune": tuned}),
+                     commands=[cfg.command] if cfg.command else [])
+        model = str(cfg.export_model)
+    say(f"{n - 1 if model else n}/{n} benchmark: baseline vs PDSN ({'the exported model, detector' if model else 'oracle'} occlusion)")
     bench = run_benchmark(BenchmarkConfig(
         dataset="lfw" if cfg.data_dir is not None else "synthetic", data_dir=cfg.data_dir, trunk=cfg.trunk,
-        weights=cfg.weights, dict_path=dict_path, occlusions=cfg.occlusions,
+        weights=None if model else cfg.weights, dict_path=None if model else dict_path, model=model,
+        occlusions=cfg.occlusions, keep_scores=model is not None,
         limit_pairs=cfg.limit_pairs, seed=cfg.seed, gpu=cfg.gpu, workers=cfg.workers,
     ), progress=progress)
-    return {"work": str(cfg.work), "pairs": pairs, "train_block": blocks, "dictionary": dictionary,
-            "finetune": tuned, "benchmark": bench, "seconds": round(time.perf_counter() - t0, 1)}
+    result = {"work": str(cfg.work), "pairs": pairs, "train_block": blocks, "dictionary": dictionary,
+              "finetune": tuned, "detector": detector, "benchmark": bench}
+    if model is not None:
+        say(f"{n}/{n} calibrate the model's threshold on the benchmark's scores → {cfg.export_model}")
+        result["model"] = calibrate_model(cfg.export_model, write_scores(cfg.work / "scores.csv", bench.scores),
+                                          model_figures(bench))
+    return result | {"seconds": round(time.perf_counter() - t0, 1)}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -165,3 +167,65 @@ def test_bad_inputs(block_pairs, tiny_weights, fdm_dict, tmp_path):
     with pytest.raises(SchemaError, match="not a pdsn chips or pairs"):
         run(input=plain)
     assert not (tmp_path / "e.h5").exists() and not partial_path(tmp_path / "e.h5").exists()
+
+
+class _Rank:
+    """One process of a torchrun group, run in this process (its peers' gather answers are its own)."""
+
+    def __init__(self, rank: int, world: int):
+        import torch
+
+        self.rank, self.world, self.distributed, self.device = rank, world, True, torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj) -> list:
+        return [obj] * self.world
+
+
+def _torchrun_embed(args: list[str], tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               PDSN_CACHE=str(tmp_path / "cache"))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "pdsn_cli", "embed", *args, "-q"], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_embed_under_torchrun_merges_shards_in_input_order_and_resumes_missing_ones(face_folder, tiny_weights, tmp_path):
+    """2 gloo processes on an identity folder: each aligns and embeds half; rank 0 merges into what one process
+    writes (rows, labels, identities, sources). Then a run whose rank 1 had finished keeps that shard."""
+    one = tmp_path / "one.h5"
+    embed(EmbedConfig(input=face_folder, out=one, trunk="tiny", weights=tiny_weights, cache_dir=tmp_path / "cache"))
+    two = tmp_path / "two.h5"
+    proc = _torchrun_embed(["--input", str(face_folder), "--trunk", "tiny", "--weights", tiny_weights,
+                            "--out", str(two), "--json", str(tmp_path / "two.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("embed") >= 1 and "processes" in proc.stdout  # one table, from rank 0
+    assert not list(tmp_path.glob("two.h5.shard-*"))
+    with h5py.File(one) as a, h5py.File(two) as b:
+        np.testing.assert_allclose(a["embedding"][()], b["embedding"][()], atol=1e-5)
+        for name in ("label", "source", "identity", "fdm_kept"):
+            assert a[name][()].tolist() == b[name][()].tolist(), name
+        assert b.attrs["complete"] and b.attrs["trunk"] == "tiny"
+
+    # an interrupted run whose rank 1 finished its shard: --resume recomputes only rank 0's
+    three = tmp_path / "three.h5"
+    cfg = EmbedConfig(input=face_folder, out=three, trunk="tiny", weights=tiny_weights, cache_dir=tmp_path / "cache")
+    assert embed_mod._embed(cfg, _Rank(1, 2), None) is None
+    shard1 = embed_mod.shard_path(three, 1, 2)
+    assert shard1.is_file() and not three.exists()
+    proc = _torchrun_embed(["--input", str(face_folder), "--trunk", "tiny", "--weights", tiny_weights,
+                            "--out", str(three), "--resume", "--json", str(tmp_path / "three.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "three.json").read_text())
+    assert res["world_size"] == 2 and res["resumed_from"] == 1 and res["images"] == 12
+    with h5py.File(one) as a, h5py.File(three) as b:
+        np.testing.assert_allclose(a["embedding"][()], b["embedding"][()], atol=1e-5)
+        assert a["source"][()].tolist() == b["source"][()].tolist()

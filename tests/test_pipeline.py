@@ -29,3 +29,34 @@ def test_pipeline_runs_every_stage_and_benchmarks_the_finetuned_head(tmp_path, t
     assert r.exit_code == 0, r.output
     res = json.loads(js.read_text())
     assert res["finetune"] is None and not res["benchmark"]["finetuned_head"] and "4/4 benchmark" in r.output
+
+
+def test_pipeline_exports_a_model_that_verify_and_benchmark_can_use(tmp_path, tiny_weights):
+    from pdsn_cli.pdsn.models import check_files, read_model
+
+    work, js, model = tmp_path / "work", tmp_path / "p.json", tmp_path / "my-model"
+    r = CliRunner().invoke(app, ["pipeline", "--trunk", "tiny", "--weights", tiny_weights, "--work", str(work),
+                                 "--train-limit", "12", "--epochs", "1", "--finetune-epochs", "1", "--occluder", "none",
+                                 "--occluder", "sunglasses", "--export-model", str(model), "--json", str(js), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "5/7 train-detector" in r.output and "6/7 benchmark" in r.output and "7/7 calibrate" in r.output
+    res = json.loads(js.read_text())
+    assert res["benchmark"]["occlusion_source"] == "detector" and res["detector"]["out"] == str(work / "detector.pt")
+    m = read_model(model)
+    assert check_files(m) == [] and m.meta["trunk"] == "tiny" and m.meta["trunk_weights"] == "trunk.pt"
+    assert len(m.meta["commands"]) == 1 and m.meta["commands"][0].startswith("pdsn")  # the command line as typed
+    assert m.meta["training"]["images"] == 12 and set(m.meta["figures"]["synthetic"]) == {"none", "sunglasses"}
+    assert (work / "scores.csv").is_file()
+    # the same command rebuilds the same model: its threshold and reference embeddings (the files' bytes differ only
+    # by the work folder's paths recorded in them)
+    r = CliRunner().invoke(app, ["pipeline", "--trunk", "tiny", "--weights", tiny_weights, "--work", str(tmp_path / "again"),
+                                 "--train-limit", "12", "--epochs", "1", "--finetune-epochs", "1", "--occluder", "none",
+                                 "--occluder", "sunglasses", "--export-model", str(tmp_path / "my-model-2"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    again = read_model(tmp_path / "my-model-2")
+    assert again.meta["reference"] == m.meta["reference"]
+    assert again.meta["threshold"] == m.meta["threshold"]
+    # without a fine-tuned head there is nothing to ship
+    r = CliRunner().invoke(app, ["pipeline", "--trunk", "tiny", "--weights", tiny_weights, "--work", str(tmp_path / "w3"),
+                                 "--finetune-epochs", "0", "--export-model", str(tmp_path / "m2")])
+    assert r.exit_code == 2 and "--finetune-epochs must be ≥ 1" in r.output

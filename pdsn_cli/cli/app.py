@@ -20,7 +20,7 @@ from pdsn_cli import __version__
 from pdsn_cli.atomic import atomic_output, check_writable
 from pdsn_cli.cli.render import console, literal, out, say
 from pdsn_cli.data.chip_cache import DataSpec
-from pdsn_cli.errors import EXIT_INTERRUPTED, PdsnError
+from pdsn_cli.errors import EXIT_INTERRUPTED, BadInputError, PdsnError
 
 app = typer.Typer(
     name="pdsn",
@@ -137,7 +137,16 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 TRUNK = typer.Option("dlib-resnet", "--trunk", help="dlib-resnet | lresnet50e-ir | iresnet50 | iresnet100 | tiny")
 WEIGHTS = typer.Option(None, "--weights", help="Trunk weights file (.pth/.pt/.safetensors; dlib-resnet: built in).")
 GPU = typer.Option(None, "--gpu", help="CUDA device index; default CPU.")
+PDSN_FLAG = typer.Option(False, "--pdsn", help="PDSN with the built-in model (dictionary, fine-tuned head, detector; see pdsn models).")
+MODEL = typer.Option(None, "--model", help="PDSN with this model: a built-in name or a folder from pdsn export-model (replaces --dict/--detector).")
 PRECISION = typer.Option("bf16", "--precision", help="bf16 (autocast + channels_last, CUDA only; the CPU always runs fp32) | fp32")
+
+
+def model_option(pdsn: bool, model: Optional[str]) -> Optional[str]:
+    """``--pdsn`` is ``--model builtin``."""
+    if pdsn and model is not None:
+        raise BadInputError("--pdsn is the built-in model; --model names another: give one of them")
+    return "builtin" if pdsn else model
 
 
 def main():

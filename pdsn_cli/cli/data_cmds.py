@@ -19,7 +19,8 @@ from pdsn_cli.data.lfw import write_training_identities
 from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
 from pdsn_cli.errors import EXIT_SKIPPED, BadInputError
 from pdsn_cli.occlusion.occluders import OCCLUDERS
-from pdsn_cli.report.sheets import contact_sheet, occluder_preview, write_assets
+from pdsn_cli.occlusion.photo import occlude_photo_file
+from pdsn_cli.report.sheets import contact_sheet, occluder_preview, write_assets, write_image
 
 PREVIEW_PAIRS = 16  # (clean, occluded) pairs on the --preview sheet: two rows of eight chips
 
@@ -202,3 +203,25 @@ def occluders_cmd(
             say(out, f"{path}  {path.stat().st_size / 1024:.1f} KB")
         if preview is not None:
             say(out, occluder_preview(preview, seed))
+
+
+@app.command("occlude", epilog="""Examples:
+
+    pdsn occlude me.jpg --occluder sunglasses --out me-sunglasses.jpg   # needs a photo
+
+    pdsn occlude ../shared/data/lfw/Aaron_Peirsol/Aaron_Peirsol_0001.jpg --occluder mask --out masked.jpg && pdsn verify masked.jpg ../shared/data/lfw/Aaron_Peirsol/Aaron_Peirsol_0002.jpg   # needs LFW
+""")
+def occlude_cmd(
+    photo: Path = typer.Argument(..., help="The photo (any common format)."),
+    occluder: str = typer.Option(..., "--occluder", help="sunglasses, eyeglasses, scarf, mask, hand, phone, cup, book, square, block:J, random."),
+    out_path: Path = typer.Option(..., "--out", help="Output photo (.jpg or .png)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the occluder's shape, colour and placement."),
+    face: str = typer.Option("centre", "--face", help="Photo with several faces: centre | largest."),
+):
+    """Draw one of the toolkit's occluders on a photo's face (as the benchmarks draw it on the aligned chip)."""
+    with handled():
+        check_distinct_paths({"PHOTO": photo}, {"--out": out_path})
+        check_writable(out_path)
+        res = occlude_photo_file(photo, occluder, seed=seed, face=face)
+        write_image(out_path, res.image)
+    say(out, f"{out_path}: {res.kind} drawn over {res.pixels:,} pixels" + (f" ({res.faces} faces seen; --face picks)" if res.faces > 1 else ""))

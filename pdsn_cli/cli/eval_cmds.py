@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from pdsn_cli.atomic import check_distinct_paths, check_writable
-from pdsn_cli.cli.app import (GPU, JSON_OUT, PRECISION, QUIET, TRUNK, WEIGHTS, app, handled, resume_command, shown_default, work_dir,
-                              write_json)
+from pdsn_cli.cli.app import (GPU, JSON_OUT, MODEL, PDSN_FLAG, PRECISION, QUIET, TRUNK, WEIGHTS, app, handled, model_option,
+                              resume_command, shown_default, work_dir, write_json)
 from pdsn_cli.cli.render import Bars, console, kv_table, out, rich_table, say, skipped_table
 from pdsn_cli.embed import EmbedConfig, embed
-from pdsn_cli.errors import EXIT_SKIPPED
+from pdsn_cli.errors import EXIT_SKIPPED, BadInputError
+from pdsn_cli.eval.scores import write_scores
 from pdsn_cli.eval.benchmark import BenchmarkConfig, check_verification_options, run_benchmark
 from pdsn_cli.eval.identification import ArConfig, IdentificationConfig, run_ar, run_identification
 from pdsn_cli.pipeline import PipelineConfig, run_pipeline
@@ -28,6 +31,8 @@ from pdsn_cli.report.tables import block_grid_table, results_table
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --jitter 40 --metric euclidean   # needs LFW
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --landmarks 5+68 --flip --metric euclidean   # needs LFW
+
+    pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --pdsn --occluder sunglasses --occlusion detector   # needs LFW: the built-in model
 
     pdsn benchmark --dataset lfw --data-dir ../shared/data/lfw --dict dict.h5 --occluder sunglasses --occluder scarf --report report/   # needs LFW
 
@@ -49,8 +54,10 @@ def benchmark_cmd(
     weights: Optional[str] = WEIGHTS,
     dict_path: Optional[Path] = typer.Option(None, "--dict", help="FDM dictionary (build-dict): adds PDSN rows next to the baseline."),
     occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="Synthetic occlusion of the 2nd image (verification) or of the probes (megaface): none, sunglasses, scarf, mask, random, square, ..., block (all K² blocks) or block:J. Repeatable."),
-    occlusion: str = typer.Option("oracle", "--occlusion", help="How PDSN learns the occluded blocks: oracle | detector"),
+    occlusion: Optional[str] = typer.Option(None, "--occlusion", help="How PDSN learns the occluded blocks: oracle | detector (default: detector when one is given, else oracle)"),
     detector: Optional[Path] = typer.Option(None, "--detector", help="Detector checkpoint (train-detector) for --occlusion detector."),
+    pdsn: bool = PDSN_FLAG,
+    model: Optional[str] = MODEL,
     block_threshold: float = typer.Option(0.25, "--block-threshold", help="Occupancy above which a block counts as occluded."),
     limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs", help="lfw quick run: N pairs, whole folds kept balanced."),
     megaface_images: Optional[Path] = typer.Option(None, "--megaface-images", help="megaface: distractor images (default DATA_DIR/FlickrFinal2)."),
@@ -73,6 +80,7 @@ def benchmark_cmd(
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(1, "--workers", help="Processes for face alignment (cached after the first run)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="lfw/synthetic: ROC curves PNG."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="lfw/synthetic: every pair's score as CSV (occlusion, method, pair, fold, same, images, score)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for the plots (ROC or CMC, per-block heatmap, dictionary, occluded probes) and an index.md; needs pdsn-cli[plots]."),
     json_path: Optional[Path] = JSON_OUT,
     quiet: bool = QUIET,
@@ -81,14 +89,19 @@ def benchmark_cmd(
     verification = dataset not in ("megaface", "megaface-lfw", "ar")
     with handled():
         check_verification_options(dataset, landmarks, fdm_on)
+        model = model_option(pdsn, model)
+        if scores is not None and not verification:
+            raise BadInputError("--scores applies to verification (--dataset lfw or synthetic)")
         default_pairs = data_dir / "pairs.txt" if dataset == "lfw" and data_dir is not None else None
         check_distinct_paths(
             {"--data-dir": data_dir, "--pairs-file": pairs_file or default_pairs, "--weights": weights,
              "--dict": dict_path, "--detector": detector, "--megaface-images": megaface_images,
              "--facescrub-images": facescrub_images, "--devkit": devkit},
-            {"--plot": plot, "--json": json_path}, output_folders={"--report": report, "--export-devkit": export_devkit})
-        if plot is not None:  # refused before any work, as --json is
-            check_writable(plot)
+            {"--plot": plot, "--json": json_path, "--scores": scores},
+            output_folders={"--report": report, "--export-devkit": export_devkit})
+        for path in (plot, scores):  # refused before any work, as --json is
+            if path is not None:
+                check_writable(path)
         if report is not None:
             check_report_dir(report)
         if dataset in ("megaface", "megaface-lfw"):
@@ -98,12 +111,13 @@ def benchmark_cmd(
                 occlusion_source=occlusion, detector=detector, block_threshold=block_threshold,
                 synthetic_distractors=synthetic_distractors, synthetic_model=synthetic_model,
                 max_distractors=max_distractors, limit_identities=limit_identities, ranks=ranks, flip=flip, seed=seed,
-                gpu=gpu, batch_size=batch_size, workers=workers, export_devkit=export_devkit)
+                gpu=gpu, batch_size=batch_size, workers=workers, export_devkit=export_devkit, model=model)
             run = run_identification
         elif dataset == "ar":
             cfg = ArConfig(data_dir=data_dir, protocol=protocol, trunk=trunk, weights=weights, dict_path=dict_path,
                            occlusion_source=occlusion, detector=detector, block_threshold=block_threshold,
-                           ranks=ranks, flip=flip, seed=seed, gpu=gpu, batch_size=batch_size, workers=workers)
+                           ranks=ranks, flip=flip, seed=seed, gpu=gpu, batch_size=batch_size, workers=workers,
+                           model=model)
             run = run_ar
         else:
             cfg = BenchmarkConfig(dataset=dataset, data_dir=data_dir, pairs_file=pairs_file, trunk=trunk,
@@ -111,10 +125,12 @@ def benchmark_cmd(
                                   occlusion_source=occlusion, detector=detector, block_threshold=block_threshold,
                                   limit_pairs=limit_pairs, flip=flip, jitter=jitter, metric=metric, seed=seed,
                                   landmarks=landmarks, fdm_on=fdm_on, gpu=gpu, batch_size=batch_size,
-                                  workers=workers)
+                                  workers=workers, model=model, keep_scores=scores is not None)
             run = run_benchmark
         with Bars(quiet) as bars:
             res = run(cfg, progress=bars.multi())
+        if scores is not None:
+            write_scores(scores, res.scores)
         if plot is not None and res.figures.get("roc"):
             plot_roc(res.figures["roc"], plot, title=res.figures["title"])
         if report is not None:
@@ -144,7 +160,11 @@ def benchmark_cmd(
 
     pdsn make-pairs --block all && pdsn train-block && pdsn build-dict --out dict.h5 && pdsn make-pairs --occluder sunglasses --out sunglasses.h5 && pdsn embed --input sunglasses.h5 --which occluded --dict dict.h5 --occlusion oracle --out occ.h5
 
+    pdsn embed --input faces/ --pdsn --out emb.h5   # needs photos: the built-in PDSN model
+
     pdsn embed --input faces/ --dict dict.h5 --detector detector.pt --features --gpu 0 --out emb.h5   # needs a GPU, photos, dictionary and detector
+
+    torchrun --nproc_per_node=8 -m pdsn_cli embed --input faces/ --pdsn --gpu 0 --out emb.h5   # needs torchrun and 8 GPUs: each process embeds a shard, rank 0 merges
 """)
 def embed_cmd(
     input: Path = typer.Option(..., "--input", help="Identity folder, text list of image paths, or chips/pairs HDF5."),
@@ -156,6 +176,8 @@ def embed_cmd(
     dict_path: Optional[Path] = typer.Option(None, "--dict", help="FDM dictionary: PDSN-masked embeddings."),
     occlusion: str = typer.Option("detector", "--occlusion", help="oracle (pairs input only) | detector"),
     detector: Optional[Path] = typer.Option(None, "--detector", help="Detector checkpoint (train-detector)."),
+    pdsn: bool = PDSN_FLAG,
+    model: Optional[str] = MODEL,
     block_threshold: float = typer.Option(0.25, "--block-threshold"),
     flip: bool = typer.Option(False, "--flip", help="Sum with the mirrored image's embedding."),
     features: bool = typer.Option(False, "--features", help="Also store the mask-point conv features."),
@@ -169,23 +191,30 @@ def embed_cmd(
     quiet: bool = QUIET,
 ):
     """Embed faces with a trunk (optionally PDSN-masked) into HDF5."""
-    cfg = EmbedConfig(input=input, out=out_path, trunk=trunk, weights=weights, which=which, data_dir=data_dir,
+    with handled():
+        model = model_option(pdsn, model)
+    cfg = EmbedConfig(model=model, input=input, out=out_path, trunk=trunk, weights=weights, which=which, data_dir=data_dir,
                       dict_path=dict_path, occlusion_source=occlusion, detector=detector,
                       block_threshold=block_threshold, flip=flip, features=features, batch_size=batch_size, gpu=gpu,
                       workers=workers, resume=resume, precision=precision, compile=compile)
     with handled(resume_hint=resume_command()):
         check_distinct_paths({"--input": input, "--data-dir": data_dir, "--dict": dict_path, "--detector": detector,
                               "--weights": weights}, {"--out": out_path, "--json": json_path})
-        with Bars(quiet) as bars:
+        with Bars(quiet or os.environ.get("RANK", "0") != "0") as bars:
             res = embed(cfg, progress=bars.multi())
+        if res is None:  # a torchrun rank other than 0: rank 0 merged and reports
+            return
         write_json(json_path, res)
     al = res["align"]
+    resumed = {}
+    if res["resumed_from"]:
+        resumed = {"resumed": f"yes, after {res['resumed_from']} rows of {res['out']}.partial" if res["world_size"] == 1
+                   else f"yes, {res['resumed_from']} of {res['world_size']} shards kept"}
     out.print(kv_table("embed", {
         "output": res["out"], "trunk / mask point": f"{res['trunk']} / {res['mask_point']}",
         "images / identities": f"{res['images']} / {res['identities']}", "dim": res["embedding_dim"],
         "flip / features": f"{res['flip']} / {res['features']}", "PDSN dictionary": res["dictionary"] or "none",
-        "skipped files": al["skipped"], "time": f"{res['seconds']} s",
-        **({"resumed": f"yes, after {res['resumed_from']} rows of {res['out']}.partial"} if res["resumed_from"] else {}),
+        "processes": res["world_size"], "skipped files": al["skipped"], "time": f"{res['seconds']} s", **resumed,
     }))
     if al["skipped_files"]:
         out.print(skipped_table(al["skipped_files"]))
@@ -197,6 +226,8 @@ def embed_cmd(
     pdsn pipeline                                   # built-in synthetic faces, a few minutes on a laptop CPU
 
     pdsn pipeline --data-dir ../shared/data/lfw --workers 2 --json lfw-pipeline.json   # needs LFW
+
+    pdsn pipeline --export-model my-model --epochs 2 --finetune-epochs 1   # a model folder for --model / pdsn verify (synthetic faces: a demo)
 """)
 def pipeline_cmd(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="LFW root (train on identities outside pairs.txt, test on View 2). Default: built-in synthetic faces."),
@@ -214,21 +245,25 @@ def pipeline_cmd(
     limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs"),
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(1, "--workers"),
+    export_model: Optional[Path] = typer.Option(None, "--export-model", help="Also train the occlusion detector, benchmark with it, calibrate the verify threshold and write a model folder here (see pdsn models)."),
     gpu: Optional[int] = GPU,
     json_path: Optional[Path] = JSON_OUT,
     quiet: bool = QUIET,
 ):
     """The whole method in one command: make-pairs → train-block (all) → build-dict → finetune → benchmark."""
-    cfg = PipelineConfig(work=work or work_dir() / "pipeline", data_dir=data_dir, trunk=trunk, weights=weights,
+    cfg = PipelineConfig(export_model=export_model, command=" ".join(["pdsn", *sys.argv[1:]]), work=work or work_dir() / "pipeline", data_dir=data_dir, trunk=trunk, weights=weights,
                          mask_point=mask_point, per_image=per_image, train_limit=train_limit, epochs=epochs, batch_size=batch_size, tau=tau,
                          finetune_epochs=finetune_epochs, limit_pairs=limit_pairs, seed=seed, workers=workers, gpu=gpu)
     if occluder:
         cfg.occlusions = list(occluder)
     with handled():
         check_distinct_paths({"--data-dir": data_dir, "--weights": weights}, {"--json": json_path},
-                             output_folders={"--work": cfg.work})
+                             output_folders={"--work": cfg.work, "--export-model": export_model})
         with Bars(quiet) as bars:
             res = run_pipeline(cfg, progress=bars.multi(), log=lambda m: say(console, m, style="bold"))
         write_json(json_path, res)
     out.print(rich_table(results_table(res["benchmark"])))
+    if res.get("model"):
+        say(out, f"model {res['model']['name']} written to {res['model']['path']} (threshold "
+                 f"{res['model']['threshold']:.4f}): pdsn verify A.jpg B.jpg --model {res['model']['path']}")
     say(out, f"pipeline done in {res['seconds']} s; files in {res['work']}")

@@ -22,6 +22,7 @@ from pdsn_cli.eval.recovery import add_recovery
 from pdsn_cli.eval.verification import roc_curve, summarize
 from pdsn_cli.occlusion.driver import parse_occlusions
 from pdsn_cli.pdsn.embedder import LANDMARK_SETS, Embedder
+from pdsn_cli.pdsn.models import apply_model
 from pdsn_cli.report.tables import Result
 
 
@@ -65,8 +66,11 @@ class CommonOptions:
     trunk: str = "dlib-resnet"
     weights: str | None = None
     dict_path: Path | None = None
-    occlusion_source: str = "oracle"  # oracle | detector
+    #: oracle | detector; None: the detector when there is one (--detector or a model), else the oracle
+    occlusion_source: str | None = None
     detector: Path | None = None
+    #: a PDSN model (``builtin``, a built-in name or an exported folder): its dictionary and detector
+    model: str | None = None
     block_threshold: float = 0.25
     flip: bool = False
     seed: int = 0
@@ -77,6 +81,8 @@ class CommonOptions:
 
     def load_embedder(self, device, **views) -> Embedder:
         """The test-time embedder these options describe (``views``: jitter, landmarks, ... of Embedder.load)."""
+        self.dict_path, self.detector, self.occlusion_source, self.weights = apply_model(
+            self.model, self.dict_path, self.detector, self.occlusion_source, self.weights, self.trunk)
         return Embedder.load(self.trunk, self.weights, self.dict_path, self.occlusion_source, self.detector, device,
                              self.block_threshold, flip=self.flip, seed=self.seed, batch_size=self.batch_size,
                              **views)
@@ -98,6 +104,8 @@ class BenchmarkConfig(CommonOptions):
     #: embedding: the head was distilled to map masked features to the clean embedding, so the clean image need
     #: not lose what the FDM discards; an image with no occluded block keeps its plain embedding)
     fdm_on: str = "both"
+    #: keep every pair's score (``Result.figures["scores"]``, written by ``write_scores``)
+    keep_scores: bool = False
 
 
 def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
@@ -141,7 +149,11 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
     f1 = feats[vs.i1]  # the first images are never occluded: their baseline embeddings serve every variant
     plain1 = None if cfg.jitter else embedder.plain(f1, normalize)
-    rows, curves, shown = [], {}, {}
+    # a detector does not know which image of a pair is occluded: the blocks it finds in either are masked (the
+    # oracle knows: the first image is clean), as pdsn verify does
+    blocks1 = (embedder.occluded_blocks(vs.chips.image[vs.i1]) if dictionary is not None and embedder.detector
+               is not None and cfg.fdm_on == "both" else None)
+    rows, curves, shown, kept = [], {}, {}, {}
     for vi, variant in enumerate(variants):
         occ_sets = [s.occlude_second(variant, grid, cfg.seed) for s in sets]
         occ_chips, occ = occ_sets[0]
@@ -157,6 +169,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         if dictionary is not None:
             # the occluded image's FDM masks both images (the paper's protocol), or only the occluded one
             blocks = embedder.occluded_blocks(occ_chips, occ)
+            if blocks1 is not None:
+                blocks = blocks | blocks1
             masks, empty = embedder.masks(blocks)
             if cfg.fdm_on == "both":
                 results["pdsn"] = pair_scores(*[embedder.masked(f, masks, normalize) for f in (f1, f2)], cfg.metric)
@@ -168,6 +182,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
                 results["pdsn"] = pair_scores(plain[0], e2, cfg.metric)
             occluded_frac = float(blocks.reshape(len(blocks), -1).mean())
         for method, s in results.items():
+            if cfg.keep_scores:
+                kept[(variant.name, method)] = s
             r = summarize(s, vs.same, vs.fold)
             row = {"method": method, "occlusion": variant.name, "block": variant.block, "accuracy": r["accuracy"],
                    "std": r["std"], "tar_at_far_1e-3": r["tar_at_far_1e-3"], "auc": r["auc"]}
@@ -197,7 +213,13 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         **({"align_68": sets[1].report.as_dict()} if len(sets) > 1 else {}),
         "results": rows,
     }
-    return finish(result, embedder, t0, f"{vs.name} — {trunk.name}", roc=curves, probes=shown)
+    scores = None
+    if cfg.keep_scores:
+        scores = {"pairs": [(vs.chips.source[a], vs.chips.source[b]) for a, b in zip(vs.i1, vs.i2)],
+                  "same": vs.same, "fold": vs.fold, "scores": kept}
+    res = finish(result, embedder, t0, f"{vs.name} — {trunk.name}", roc=curves, probes=shown)
+    res.scores = scores
+    return res
 
 
 def pair_scores(e1: np.ndarray, e2: np.ndarray, metric: str = "cosine") -> np.ndarray:

@@ -398,6 +398,20 @@ def closed_set_ranks(e_probe: np.ndarray, e_gallery: np.ndarray, g_subject: np.n
     return np.array([(above <= r).sum() for r in range(ranks)], np.int64)
 
 
+def detector_vs_drawn(found: np.ndarray, drawn: np.ndarray) -> dict:
+    """Block precision and recall of the detector's decisions on real occluders, taking as truth the blocks the
+    toolkit's occluder of the same kind covers on the same face (AR has no pixel masks: an approximation)."""
+    found, drawn = found.reshape(len(found), -1), drawn.reshape(len(drawn), -1)
+    tp = int((found & drawn).sum())
+    return {"detector_precision_vs_drawn": tp / max(int(found.sum()), 1),
+            "detector_recall_vs_drawn": tp / max(int(drawn.sum()), 1)}
+
+
+def gallery_marked(embedder, chips: np.ndarray) -> float:
+    """Fraction of the clean gallery faces' blocks the detector flags."""
+    return float(embedder.occluded_blocks(chips).mean())
+
+
 def run_ar(cfg: ArConfig, progress=None) -> dict:
     """Rank-1 (and CMC) per probe kind of an AR protocol, baseline vs PDSN.
 
@@ -425,6 +439,7 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
     subject = np.array([chips.identity[c] for c in chips.label])
     g_idx = np.array([pos[im.path] for im in proto.gallery if im.path in pos])
     rows, shown, cmc_curves = [], {}, {}
+    g_marked = gallery_marked(embedder, chips.image[g_idx]) if dictionary is not None and embedder.detector else None
     for kind, probes in proto.probes.items():
         p_idx = np.array([pos[im.path] for im in probes if im.path in pos])
         if len(p_idx) == 0:
@@ -449,6 +464,10 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
             results["pdsn"] = hits
             extra = {"occlusion_source": cfg.occlusion_source, "distinct_fdms": len(combos),
                      "blocks_marked": float(blocks.mean())}
+            if embedder.detector is not None:  # its decisions on real occluders, against where ours would sit
+                extra.update(detector_vs_drawn(blocks, occlude_chips(
+                    chips, p_idx, OcclusionVariant(kind), embedder.grid, cfg.seed)[1] >= embedder.block_threshold))
+                extra["gallery_blocks_marked"] = g_marked
         for method, hits in results.items():
             cmc = hits / len(p_idx)
             rows.append({"method": method, "occlusion": kind, "block": None, "rank1": float(cmc[0]),

@@ -205,16 +205,21 @@ def _mean_pairwise_iou(fdm: np.ndarray) -> float | None:
     return float((inter[iu] / np.maximum(union[iu], 1)).mean())
 
 
+def _float32(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32) if a.dtype.kind == "f" else a
+
+
 def load(path: str | os.PathLike) -> FdmDict:
     with open_checked(path, KIND, SCHEMA) as f:
         missing = [name for name in ("fdm", "mean_mask", "trained") if name not in f]
         if missing:
             raise SchemaError(f"{path} lacks datasets {', '.join(missing)}: not a complete fdm-dict file")
         d = FdmDict(
-            fdm=f["fdm"][()].astype(bool), mean_mask=f["mean_mask"][()], trained=f["trained"][()],
+            fdm=f["fdm"][()].astype(bool), mean_mask=f["mean_mask"][()].astype(np.float32), trained=f["trained"][()],
             trunk=str(f.attrs["trunk"]), mask_point=str(f.attrs["mask_point"]), template=str(f.attrs["template"]),
             grid=int(f.attrs["grid"]), tau=float(f.attrs["tau"]),
-            head={k: v[()] for k, v in f["head"].items()} if "head" in f else None,
+            # a shipped model stores its head in float16 (pdsn_cli.pdsn.models); the head runs in float32
+            head={k: _float32(v[()]) for k, v in f["head"].items()} if "head" in f else None,
         )
     if not len(d.fdm) == len(d.mean_mask) == len(d.trained) == d.grid**2:
         raise SchemaError(f"{path} is damaged: {len(d.fdm)} masks for a {d.grid}×{d.grid} grid")

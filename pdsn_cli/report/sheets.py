@@ -13,7 +13,7 @@ from pdsn_cli.data.synthetic import synthetic_faces
 from pdsn_cli.errors import BadInputError
 from pdsn_cli.occlusion.occluders import OCCLUDERS, SPRITE_KINDS, occlude, render_sprite
 
-__all__ = ["contact_sheet", "occluder_preview", "write_assets", "write_png"]
+__all__ = ["contact_sheet", "occluder_preview", "verify_sheet", "write_assets", "write_image", "write_png"]
 
 
 def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
@@ -22,6 +22,21 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise BadInputError(f"could not encode {path} as PNG")
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(buf.tobytes())
+    return path
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    """Write an RGB uint8 image in the format its suffix names (.png, .jpg/.jpeg: quality 95), atomically."""
+    path = check_writable(path)
+    ext = Path(path).suffix.lower()
+    if ext not in (".png", ".jpg", ".jpeg"):
+        raise BadInputError(f"{path}: write .png or .jpg")
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if ext != ".png" else [cv2.IMWRITE_PNG_COMPRESSION, 6]
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise BadInputError(f"could not encode {path}")
     with atomic_output(path) as tmp:
         Path(tmp).write_bytes(buf.tobytes())
     return path
@@ -80,3 +95,32 @@ def occluder_preview(path: str | os.PathLike, seed: int = 0) -> Path:
             images.append(occ.image)
             labels.append(kind)
     return contact_sheet(images, path, cols=6, labels=labels)
+
+
+def verify_sheet(result: dict, chips: dict[str, np.ndarray], grid: int, path: str | os.PathLike,
+                 scale: int = 2) -> Path:
+    """``pdsn verify --explain``: one row per pair, both chips with the blocks judged occluded outlined (red: in
+    that photo; both photos' features lose the FDM of all of them), the score and the decision under them."""
+    rows = []
+    for r in result["pairs"]:
+        tiles = []
+        for key, blocks in (("image1", r["occluded_blocks1"]), ("image2", r["occluded_blocks2"])):
+            chip = cv2.resize(chips[r[key]], None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+            h, w = chip.shape[:2]
+            for j in blocks:
+                row, col = divmod(j, grid)
+                y0, y1 = round(row * h / grid), round((row + 1) * h / grid) - 1
+                x0, x1 = round(col * w / grid), round((col + 1) * w / grid) - 1
+                cv2.rectangle(chip, (x0, y0), (x1, y1), (230, 30, 30), 2)
+            tiles.append(chip)
+        pair = np.concatenate([tiles[0], np.full((tiles[0].shape[0], 8, 3), 32, np.uint8), tiles[1]], axis=1)
+        text = np.full((26, pair.shape[1], 3), 32, np.uint8)
+        verdict = "same person" if r["same"] else "different people"
+        cv2.putText(text, f"{r['score']:.3f} vs {r['threshold']:.3f}: {verdict}", (4, 18), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.5, (120, 230, 120) if r["same"] else (235, 235, 235), 1, cv2.LINE_AA)
+        rows.append(np.concatenate([pair, text], axis=0))
+    if not rows:
+        raise BadInputError("--explain: no pair was verified, nothing to draw")
+    width = max(r.shape[1] for r in rows)
+    sheet = np.concatenate([np.pad(r, ((0, 6), (0, width - r.shape[1]), (0, 0)), constant_values=32) for r in rows])
+    return write_png(path, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))

@@ -35,13 +35,16 @@ class Table:
 
 class Result(dict):
     """A command's JSON result, and beside it (``figures``, never serialised) the arrays its plots need: ROC or
-    CMC curves, occluded probe chips, the dictionary, preview pairs."""
+    CMC curves, occluded probe chips, the dictionary, preview pairs; and ``scores`` (every pair's score, when a
+    benchmark was asked to keep them)."""
 
     figures: dict
+    scores: dict | None
 
-    def __init__(self, *args, figures: dict | None = None, **kwargs):
+    def __init__(self, *args, figures: dict | None = None, scores: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.figures = figures or {}
+        self.scores = scores
 
 
 def count(n: float) -> str:
@@ -174,3 +177,34 @@ def block_grid_table(result: dict) -> Table | None:
                                                                                  else ""))
         rows.append(cells)
     return Table(title, [Column("", numeric=False) for _ in range(grid)], rows, show_header=False)
+
+
+def verify_table(result: dict) -> Table:
+    """``pdsn verify``: one row per pair — the score, the decision, the blocks judged occluded in each photo."""
+    t = Table(f"pdsn verify — model {result['model']}, threshold {result['threshold']:.3f}", [
+        Column("image 1", False), Column("image 2", False), Column("PDSN score"), Column("decision", False),
+        Column("occluded blocks 1", False), Column("occluded blocks 2", False), Column("features kept"),
+        Column("no-PDSN score")])
+    for r in result["pairs"]:
+        t.rows.append([r["image1"], r["image2"], f"{r['score']:.4f}", "same" if r["same"] else "different",
+                       _block_list(r["occluded_blocks1"]), _block_list(r["occluded_blocks2"]),
+                       f"{100 * r['fdm_kept']:.0f}%", f"{r['baseline_score']:.4f}"])
+    return t
+
+
+def _block_list(ids: list[int]) -> str:
+    return ",".join(map(str, ids)) if ids else "none"
+
+
+def models_table(models: list[dict]) -> Table:
+    """``pdsn models``: the PDSN models a command can select with ``--pdsn`` / ``--model``."""
+    t = Table("PDSN models (--pdsn: the built-in default; --model NAME|DIR)", [
+        Column("name", False), Column("where", False), Column("trunk / mask point", False), Column("threshold"),
+        Column("size"), Column("trained on", False), Column("LFW, detector", False)])
+    for m in models:
+        figs = m.get("figures", {}).get("lfw", {})
+        lfw = ", ".join(f"{k} {v['baseline']:.2f}→{v['pdsn']:.2f}" for k, v in figs.items()) if figs else ""
+        t.rows.append([m["name"], "built in" if m["builtin"] else m["path"], f"{m['trunk']} / {m['mask_point']}",
+                       f"{m['threshold']:.3f}" if m["threshold"] is not None else "none",
+                       f"{m['bytes'] / 2**20:.1f} MB", m["trained_on"], lfw])
+    return t

@@ -17,6 +17,8 @@ _REGISTRY: dict[str, Callable[[str | None], Trunk]] = {
     "iresnet100": iresnet.build_iresnet100,
     "tiny": tiny.build,
 }
+#: trunks whose pretrained weights come with the install (face-recognition-models); the others need a file
+PACKAGED_WEIGHTS = frozenset({"dlib-resnet"})
 
 
 def trunk_names() -> list[str]:
@@ -29,4 +31,4 @@ def build_trunk(name: str, weights: str | None = None) -> Trunk:
     return _REGISTRY[name](weights).eval()
 
 
-__all__ = ["Trunk", "TrunkWeights", "build_trunk", "trunk_names"]
+__all__ = ["PACKAGED_WEIGHTS", "Trunk", "TrunkWeights", "build_trunk", "trunk_names"]

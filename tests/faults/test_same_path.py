@@ -98,6 +98,16 @@ CASES = [
     ("pipeline --trunk tiny --data-dir lfw --work lfw", SAME),
     ("pipeline --trunk tiny --weights weights.pt --work o-work --json weights.pt", SAME),
     ("pipeline --trunk tiny --work o-work --json o-work", SAME),
+    ("pipeline --trunk tiny --weights run/trunk.pt --work o-work --export-model run", INSIDE),
+    ("benchmark --dataset synthetic --trunk tiny --dict dict.h5 --scores dict.h5", SAME),
+    ("benchmark --dataset synthetic --trunk tiny --scores o.csv --json o.csv", SAME),
+    # verify, occlude, export-model
+    ("verify --pairs ids.txt --json ids.txt", SAME),
+    ("verify dict.h5 det.pt --explain det.pt", SAME),
+    ("verify --pairs ids.txt --explain o.png --json o.png", SAME),
+    ("occlude ids.txt --occluder mask --out ids.txt", SAME),
+    ("export-model --dict dict.h5 --detector det.pt --scores pairs.h5 --out o-m --json dict.h5", SAME),
+    ("export-model --dict reports/dict.h5 --detector det.pt --scores pairs.h5 --out reports", INSIDE),
 ]
 
 
@@ -131,10 +141,11 @@ def test_an_output_on_an_input_or_on_another_output_is_refused(line, says, folde
 
 
 def _has_quiet(line: str) -> bool:
-    return line.split()[0] not in ("datasets", "occluders", "build-dict")
+    return line.split()[0] not in ("datasets", "occluders", "build-dict", "occlude", "export-model")
 
 
 def test_every_command_with_an_output_is_covered():
     from tests.faults.test_bad_arguments import BASE
 
-    assert set(BASE) | {"finetune", "datasets", "occluders"} == {c.split()[0] for c, _ in CASES}
+    assert set(BASE) | {"finetune", "datasets", "occluders", "verify", "occlude", "export-model"} == {
+        c.split()[0] for c, _ in CASES}
