@@ -143,5 +143,5 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     if model is not None:
         say(f"{n}/{n} calibrate the model's threshold on the benchmark's scores → {cfg.export_model}")
         result["model"] = calibrate_model(cfg.export_model, write_scores(cfg.work / "scores.csv", bench.scores),
-                                          model_figures(bench))
+                                          model_figures(bench), dataset=bench["dataset"])
     return result | {"seconds": round(time.perf_counter() - t0, 1)}

@@ -171,6 +171,8 @@ def test_config_refused_before_work(easy, tmp_path):
         train_detector(small_cfg([easy], out, threshold=1.0))
     with pytest.raises(BadInputError, match="val-fraction"):
         train_detector(small_cfg([easy], out, val_fraction=1.0))
+    with pytest.raises(BadInputError, match="--degrade is a probability"):
+        train_detector(small_cfg([easy], out, degrade=1.5))
     with pytest.raises(BadInputError, match="no such pairs file"):
         train_detector(small_cfg([tmp_path / "nope.h5"], out))
     with pytest.raises(BadInputError, match="too small"):
@@ -368,3 +370,16 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert len(res["loss_history"]) == 2 and np.isfinite(res["loss_history"]).all()
     assert OcclusionDetector.load(out).predict(np.zeros((1, SIZE, SIZE, 3), np.uint8)).shape == (1, GRID, GRID)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["det.json", "det.pt", "easy.h5"]
+
+
+def test_degrade_makes_grey_low_resolution_chips_and_keeps_the_targets():
+    from pdsn_cli.train.detector import _augment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 40, 40) * 255
+    y = torch.rand(8, 5, 5)
+    xd, yd = _augment(x.clone(), y.clone(), g, degrade=1.0)
+    assert torch.allclose(xd[:, 0], xd[:, 1]) and torch.allclose(xd[:, 1], xd[:, 2])  # grey
+    assert xd.diff(dim=3).abs().mean() < 0.5 * x.diff(dim=3).abs().mean()  # smoothed: fewer fine details
+    flipped = ~torch.isclose(yd, y).all(dim=(1, 2))
+    assert torch.equal(yd[flipped], y[flipped].flip(2))  # only the flip touches the targets

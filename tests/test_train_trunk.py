@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -237,7 +238,8 @@ def test_ddp_two_processes_gloo(chips, tmp_path):
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(ln[len("RESULT"):]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    # the two processes share stdout: their lines may run into one another, so each result is found on its own
+    results = [json.loads(m) for m in re.findall(r"RESULT(\{[^{}]*\})", proc.stdout)]
     assert len(results) == 2 and all(r["world_size"] == 2 for r in results)
     # 36 training images, 18 per process, 4 per process per step -> 4 steps
     assert all(r["steps"] == 4 for r in results)

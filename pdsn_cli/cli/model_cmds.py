@@ -115,8 +115,10 @@ def export_model_cmd(
         check_distinct_paths({"--dict": dict_path, "--detector": detector, "--scores": scores, "--weights": weights,
                               "--benchmark": benchmark, "--training": training}, {"--json": json_path},
                              output_folders={"--out": out_dir})
+        bench = _read_json(benchmark) if benchmark else None
         res = export_model(dict_path, detector, out_dir, name=name or out_dir.name, scores=scores, weights=weights,
-                           figures=model_figures(_read_json(benchmark)) if benchmark else None,
+                           figures=model_figures(bench) if bench else None,
+                           dataset=bench.get("dataset") if bench else None,
                            training=training_summary(_read_json(training)) if training else None, fp16=not fp32,
                            commands=list(command or []))
         write_json(json_path, res)

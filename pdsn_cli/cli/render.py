@@ -89,8 +89,9 @@ def rich_table(table: Table) -> RichTable:
     t = RichTable(title=literal(table.title), title_justify="left", show_header=table.show_header,
                   **(dict(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True) if wide else {}))
     for c in table.columns:
+        # names and paths that do not fit are folded onto the next line, never cut
         t.add_column(literal(c.header), justify="right" if c.numeric else ("center" if not table.show_header else "left"),
-                     no_wrap=wide)
+                     no_wrap=wide, overflow="ellipsis" if c.numeric or wide else "fold")
     for row in table.rows:
         t.add_row(*(literal(cell) for cell in row))
     return t

@@ -243,6 +243,7 @@ def train_detector_cmd(
     lr: float = typer.Option(3e-3, "--lr"),
     threshold: float = typer.Option(0.5, "--threshold", help="Occupancy above which a block counts as occluded (for the report)."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Held-out share of source images for precision/recall."),
+    degrade: float = typer.Option(0.3, "--degrade", help="Probability of a greyscale and of a low-resolution training chip (photos unlike the training ones); 0: off."),
     seed: int = typer.Option(0, "--seed"),
     gpu: Optional[int] = GPU,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (<out>.ckpt)."),
@@ -252,7 +253,8 @@ def train_detector_cmd(
     """Train the occlusion detector: K×K block occupancy of one aligned chip, for PDSN at test time."""
     out_path = default_path(out_path, "detector.pt")
     cfg = TrainDetectorConfig(pairs=list(pairs), out=out_path, epochs=epochs, batch_size=batch_size, lr=lr,
-                              seed=seed, val_fraction=val_fraction, threshold=threshold, gpu=gpu, resume=resume)
+                              seed=seed, val_fraction=val_fraction, threshold=threshold, gpu=gpu, resume=resume,
+                              degrade=degrade)
     res = run_training(train_detector, cfg, quiet, json_path, {"--pairs": cfg.pairs}, {"--out": out_path})
     if res is None:  # a torchrun rank other than 0
         return

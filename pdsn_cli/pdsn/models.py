@@ -224,9 +224,10 @@ def calibrate(scores: np.ndarray, same: np.ndarray, occlusion: list[str]) -> dic
 
 
 # ---- export ------------------------------------------------------------------------------------------------
-def calibrate_from_scores(path: Path) -> dict:
+def calibrate_from_scores(path: Path, dataset: str | None = None) -> dict:
     """The verification threshold from a ``pdsn benchmark --scores`` file: its PDSN rows, every occlusion but the
-    single-block ones (25 variants of one kind would outweigh the rest), pooled."""
+    single-block ones (25 variants of one kind would outweigh the rest), pooled. ``dataset``: what the pairs are
+    (the benchmark's name for them), said in ``calibrated_on``."""
     cols = read_scores(path)
     keep = (cols["method"] == "pdsn") & ~np.char.startswith(cols["occlusion"].astype(str), "block:")
     if not keep.any():
@@ -237,8 +238,16 @@ def calibrate_from_scores(path: Path) -> dict:
     t = calibrate(cols["score"][keep], cols["same"][keep], cols["occlusion"][keep].tolist())
     n = int(len(set(cols["pair"][keep].tolist())))
     t["calibrated_on"] = (f"maximum accuracy over {n:,} pairs × {len(kinds)} conditions ({', '.join(kinds)}) of "
-                          f"{Path(path).name}")
+                          f"{dataset_label(dataset, n) if dataset else Path(path).name}")
     return t
+
+
+def dataset_label(dataset: str, pairs: int) -> str:
+    """A benchmark's dataset as people name it: ``lfw`` with its 6,000 pairs is LFW View 2."""
+    name = str(dataset).split()[0]
+    if name == "lfw":
+        return "LFW View 2" if pairs == 6000 else f"LFW View 2 ({pairs:,} of its pairs)"
+    return str(dataset)
 
 
 def model_figures(bench: dict) -> dict:
@@ -263,19 +272,21 @@ def training_summary(pipeline: dict) -> dict:
                "block_pairs": p.get("pairs_in_file"), "finetune_pairs": ft.get("pairs"),
                "finetune_held_out_identities": ft.get("held_out_identities"), "finetune_kept_epoch": ft.get("kept_epoch"),
                "train_block_epochs": (pipeline.get("train_block") or {}).get("epochs")}
-    summary["summary"] = (f"{summary['images']:,} images of {summary['identities']:,} people"
-                          if summary["images"] and summary["identities"] else "")
+    if summary.get("images") and summary.get("identities"):
+        summary["summary"] = f"{summary['images']:,} images of {summary['identities']:,} people" + (
+            " (synthetic)" if p.get("synthetic") else
+            f" of {Path(str(p.get('data'))).name}, none in its pairs.txt (no View-2 person)")
     return {k: v for k, v in summary.items() if v is not None}
 
 
 def export_model(dict_path: Path, detector_path: Path, out: Path, *, name: str, scores: Path | None = None,
                  weights=None, training: dict | None = None, figures: dict | None = None,
-                 commands: list[str] | None = None, fp16: bool = True) -> dict:
+                 commands: list[str] | None = None, fp16: bool = True, dataset: str | None = None) -> dict:
     """Pack a fine-tuned dictionary and a detector into the model folder ``out`` (created; its files replaced
     atomically), with the verification threshold calibrated on ``scores`` (``pdsn benchmark --scores``; without
     them the model embeds and benchmarks but ``verify`` needs ``--threshold`` until :func:`calibrate_model`). A
     trunk whose weights do not come with the install brings them (``weights``, copied as ``trunk.pt``)."""
-    threshold = calibrate_from_scores(scores) if scores is not None else None
+    threshold = calibrate_from_scores(scores, dataset) if scores is not None else None
     d = fdm_mod.load(dict_path)
     if not d.head:
         raise BadInputError(f"{dict_path} has no fine-tuned head (pdsn finetune): a model ships the head PDSN "
@@ -322,11 +333,11 @@ def export_model(dict_path: Path, detector_path: Path, out: Path, *, name: str, 
     return read_model(out).summary() | {"head_dtype": meta["head_dtype"], "fp16_min_cosine_to_fp32": cosine}
 
 
-def calibrate_model(folder: Path, scores: Path, figures: dict | None = None) -> dict:
+def calibrate_model(folder: Path, scores: Path, figures: dict | None = None, dataset: str | None = None) -> dict:
     """Set a model's verification threshold from ``scores`` (a benchmark of the model's own files) and its
     measured ``figures``; the files stay as they are."""
     m = read_model(folder)
-    meta = m.meta | {"threshold": calibrate_from_scores(scores)}
+    meta = m.meta | {"threshold": calibrate_from_scores(scores, dataset)}
     if figures is not None:
         meta["figures"] = figures
     with atomic_output(m.folder / META_FILE) as tmp:

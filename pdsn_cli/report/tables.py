@@ -10,6 +10,7 @@ the grid block J a single-block occlusion covers (None for every other occlusion
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -180,14 +181,15 @@ def block_grid_table(result: dict) -> Table | None:
 
 
 def verify_table(result: dict) -> Table:
-    """``pdsn verify``: one row per pair — the score, the decision, the blocks judged occluded in each photo."""
+    """``pdsn verify``: one row per pair — the photos (file names; the JSON has the paths), the score, the decision,
+    the blocks judged occluded in each photo, the share of features kept and the plain trunk's score."""
     t = Table(f"pdsn verify — model {result['model']}, threshold {result['threshold']:.3f}", [
-        Column("image 1", False), Column("image 2", False), Column("PDSN score"), Column("decision", False),
-        Column("occluded blocks 1", False), Column("occluded blocks 2", False), Column("features kept"),
-        Column("no-PDSN score")])
+        Column("photos", False), Column("PDSN score"), Column("decision", False),
+        Column("occluded blocks", False), Column("kept"), Column("no-PDSN score")])
     for r in result["pairs"]:
-        t.rows.append([r["image1"], r["image2"], f"{r['score']:.4f}", "same" if r["same"] else "different",
-                       _block_list(r["occluded_blocks1"]), _block_list(r["occluded_blocks2"]),
+        t.rows.append([f"1: {Path(r['image1']).name}\n2: {Path(r['image2']).name}", f"{r['score']:.4f}",
+                       "same" if r["same"] else "different",
+                       f"1: {_block_list(r['occluded_blocks1'])}\n2: {_block_list(r['occluded_blocks2'])}",
                        f"{100 * r['fdm_kept']:.0f}%", f"{r['baseline_score']:.4f}"])
     return t
 
@@ -199,12 +201,13 @@ def _block_list(ids: list[int]) -> str:
 def models_table(models: list[dict]) -> Table:
     """``pdsn models``: the PDSN models a command can select with ``--pdsn`` / ``--model``."""
     t = Table("PDSN models (--pdsn: the built-in default; --model NAME|DIR)", [
-        Column("name", False), Column("where", False), Column("trunk / mask point", False), Column("threshold"),
-        Column("size"), Column("trained on", False), Column("LFW, detector", False)])
+        Column("name", False), Column("trunk / mask point", False), Column("threshold"), Column("size"),
+        Column("trained on", False), Column("LFW, detector: plain → PDSN %", False)])
     for m in models:
         figs = m.get("figures", {}).get("lfw", {})
         lfw = ", ".join(f"{k} {v['baseline']:.2f}→{v['pdsn']:.2f}" for k, v in figs.items()) if figs else ""
-        t.rows.append([m["name"], "built in" if m["builtin"] else m["path"], f"{m['trunk']} / {m['mask_point']}",
+        t.rows.append([m["name"] + ("\n(built in)" if m["builtin"] else f"\n{m['path']}"),
+                       f"{m['trunk']} / {m['mask_point']}",
                        f"{m['threshold']:.3f}" if m["threshold"] is not None else "none",
                        f"{m['bytes'] / 2**20:.1f} MB", m["trained_on"], lfw])
     return t

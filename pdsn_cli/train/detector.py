@@ -60,6 +60,9 @@ class TrainDetectorConfig:
     width: int = 16
     #: random horizontal flips and brightness/contrast jitter during training
     augment: bool = True
+    #: with ``augment``: the probability of a greyscale copy and, separately, of a low-resolution one (the face
+    #: downscaled to 16-40 px, then back): chips of other photos than the training ones (0: off)
+    degrade: float = 0.3
     gpu: int | None = None
     #: continue from the checkpoint ``<out>.ckpt`` of an interrupted run
     resume: bool = False
@@ -196,11 +199,14 @@ def validate(cfg: TrainDetectorConfig) -> None:
     if min(cfg.input_size) < 4 * grid:
         raise BadInputError(f"--input-size {cfg.input_size[0]}×{cfg.input_size[1]} is too small for a "
                             f"{grid}×{grid} grid (need ≥ {4 * grid} px a side)")
+    if not 0.0 <= cfg.degrade <= 1.0:
+        raise BadInputError(f"--degrade is a probability in [0, 1], got {cfg.degrade}")
     check_writable(cfg.out)
     check_resumable(cfg.out, str(cfg.out) + ".ckpt", cfg.resume)
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
+             degrade: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[0]
     flip = torch.rand(n, generator=g) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
@@ -208,7 +214,19 @@ def _augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torc
     # mild photometric jitter: real chips vary in exposure far more than a synthetic training set
     gain = (0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)).to(x.device)
     bias = (40.0 * torch.rand(n, 1, 1, 1, generator=g) - 20.0).to(x.device)
-    return (x * gain + bias).clamp_(0, 255), y
+    x = (x * gain + bias).clamp_(0, 255)
+    if degrade > 0:
+        # photos unlike the training ones: greyscale, and faces a few dozen pixels wide (AR's 55×40 images,
+        # surveillance frames) upsampled to the chip; the occupancy they are trained on stays the same
+        grey = (torch.rand(n, generator=g) < degrade).view(-1, 1, 1, 1).to(x.device)
+        x = torch.where(grey, x.mean(1, keepdim=True).expand_as(x), x)
+        h, w = x.shape[2:]
+        side = int(torch.randint(16, 41, (1,), generator=g))
+        small = F.interpolate(F.interpolate(x, size=(side, side * w // h), mode="area"), size=(h, w),
+                              mode="bilinear", align_corners=False)
+        low = (torch.rand(n, generator=g) < degrade).view(-1, 1, 1, 1).to(x.device)
+        x = torch.where(low, small, x)
+    return x, y
 
 
 @torch.inference_mode()
@@ -255,7 +273,7 @@ class _DetectorTask(Task):
         x = self.images[idx].permute(0, 3, 1, 2).float()
         y = self.targets[idx]
         if self.cfg.augment:
-            x, y = _augment(x, y, self.generators["augment"])
+            x, y = _augment(x, y, self.generators["augment"], self.cfg.degrade)
         loss = F.binary_cross_entropy_with_logits(model(x), y)
         return loss, torch.stack([loss.detach(), loss.detach() * len(idx)])
 
