@@ -14,6 +14,7 @@ Rows are written in chunks to ``<out>.partial``; ``--resume`` continues after th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -154,8 +155,10 @@ def _embed(cfg: EmbedConfig, procs: Processes, progress) -> dict | None:
     if cfg.batch_size < 1:
         raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
     check_precision(cfg.precision)
-    cfg.dict_path, cfg.detector, cfg.occlusion_source, cfg.weights = apply_model(
-        cfg.model, cfg.dict_path, cfg.detector, cfg.occlusion_source, cfg.weights, cfg.trunk)
+    d, det, source, weights = apply_model(cfg.model, cfg.dict_path, cfg.detector, cfg.occlusion_source, cfg.weights,
+                                          cfg.trunk)
+    # a copy: the caller's options can run again
+    cfg = dataclasses.replace(cfg, dict_path=d, detector=det, occlusion_source=source, weights=weights, model=None)
     # without a dictionary nothing is masked, so --occlusion is moot
     embedder = Embedder.load(cfg.trunk, cfg.weights, cfg.dict_path,
                              cfg.occlusion_source if cfg.dict_path else "oracle", cfg.detector, device,

@@ -9,6 +9,7 @@ the trained detector) select the dictionary entries, whose AND is applied to the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,10 +80,20 @@ class CommonOptions:
     workers: int = 1
     cache_dir: Path | None = None
 
+    def resolved(self):
+        """A copy whose dictionary, detector, trunk weights and occlusion source are the ones a run uses: those of
+        ``model`` when one is named (it is then None), the occlusion source decided when none was given. The
+        caller's options stay as they were, so that one options object can run twice."""
+        d, det, source, weights = apply_model(self.model, self.dict_path, self.detector, self.occlusion_source,
+                                              self.weights, self.trunk)
+        return dataclasses.replace(self, dict_path=d, detector=det, occlusion_source=source, weights=weights,
+                                   model=None)
+
     def load_embedder(self, device, **views) -> Embedder:
-        """The test-time embedder these options describe (``views``: jitter, landmarks, ... of Embedder.load)."""
-        self.dict_path, self.detector, self.occlusion_source, self.weights = apply_model(
-            self.model, self.dict_path, self.detector, self.occlusion_source, self.weights, self.trunk)
+        """The test-time embedder these options describe (``views``: jitter, landmarks, ... of Embedder.load);
+        options given a ``model`` are :meth:`resolved` first."""
+        if self.model is not None:
+            raise ValueError("load_embedder takes resolved options: call resolved() first")
         return Embedder.load(self.trunk, self.weights, self.dict_path, self.occlusion_source, self.detector, device,
                              self.block_threshold, flip=self.flip, seed=self.seed, batch_size=self.batch_size,
                              **views)
@@ -110,6 +121,7 @@ class BenchmarkConfig(CommonOptions):
 
 def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
     t0 = time.perf_counter()
+    cfg = cfg.resolved()
     device = resolve_device(cfg.gpu)
     if cfg.batch_size < 1:
         raise BadInputError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")

@@ -225,6 +225,7 @@ def score_group(tally: Tally, probes: ProbeSide, idx: np.ndarray, e_probe: np.nd
 # ---- the run ------------------------------------------------------------------------------------------------
 def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
     t0 = time.perf_counter()
+    cfg = cfg.resolved()
     device = resolve_device(cfg.gpu)
     if cfg.synthetic_model not in ("gaussian", "uniform"):
         raise BadInputError(f"--synthetic-model must be gaussian or uniform, got {cfg.synthetic_model!r}")
@@ -420,6 +421,7 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
     kind (sunglasses, scarf) covers when placed on that probe's landmarks — the kind is known, the shape is not.
     """
     t0 = time.perf_counter()
+    cfg = cfg.resolved()
     device = resolve_device(cfg.gpu)
     if cfg.data_dir is None:
         raise BadInputError("--dataset ar needs --data-dir (the folder holding the AR images)")
