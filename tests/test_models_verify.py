@@ -75,6 +75,8 @@ def test_a_damaged_model_file_is_reported(tiny_model, tmp_path):
     data[-20] ^= 0xFF
     (copy / "detector.pt").write_bytes(bytes(data))
     assert check_files(read_model(copy)) == ["detector.pt: sha256 differs from model.json"]
+    with pytest.raises(SchemaError, match="is damaged: detector.pt: sha256 differs"):
+        resolve_model(copy)  # what --model, --pdsn and verify go through: a damaged model is never used
     (copy / "model.json").write_text("{")
     with pytest.raises(SchemaError, match="not readable JSON"):
         read_model(copy)

@@ -137,8 +137,16 @@ def user_models(root: Path, depth: int = 2) -> list[PdsnModel]:
 
 
 def resolve_model(spec: str | os.PathLike) -> PdsnModel:
-    """``spec``: ``builtin`` (the default built-in model), a built-in name, or a model folder."""
-    spec = str(spec)
+    """``spec``: ``builtin`` (the default built-in model), a built-in name, or a model folder; its files checked
+    against the sha256 in its ``model.json`` (a damaged install or an edited file is refused, not used)."""
+    model = _find_model(str(spec))
+    bad = check_files(model)
+    if bad:
+        raise SchemaError(f"model {model.name} ({model.folder}) is damaged: {'; '.join(bad)}")
+    return model
+
+
+def _find_model(spec: str) -> PdsnModel:
     if spec in ("builtin", "default"):
         spec = DEFAULT_MODEL
     for m in builtin_models():
