@@ -18,7 +18,7 @@ import numpy as np
 
 from pdsn_cli.align.aligner import FaceAligner
 from pdsn_cli.align.templates import align_with_points
-from pdsn_cli.data.faces import BadImage, read_image
+from pdsn_cli.data.faces import read_photo
 from pdsn_cli.device import resolve_device
 from pdsn_cli.errors import BadInputError
 from pdsn_cli.pdsn.embedder import Embedder
@@ -62,21 +62,6 @@ def pairs_from_args(images: list[Path]) -> list[tuple[Path, Path]]:
     return [(images[i], images[i + 1]) for i in range(0, len(images), 2)]
 
 
-def _decode_all(paths: list[Path]) -> dict[Path, np.ndarray]:
-    """Every distinct photo decoded, or one line naming the first that is not a readable image file."""
-    images = {}
-    for p in dict.fromkeys(paths):
-        if p.is_dir():
-            raise BadInputError(f"{p} is a folder, not an image (pdsn embed --input embeds a folder)")
-        if not p.exists():
-            raise BadInputError(f"no such image: {p}")
-        try:
-            images[p] = read_image(p)
-        except BadImage as e:
-            raise BadInputError(f"{p}: {e}") from None
-    return images
-
-
 def verify(cfg: VerifyConfig, progress=None) -> Result:
     t0 = time.perf_counter()
     if not cfg.pairs:
@@ -87,7 +72,8 @@ def verify(cfg: VerifyConfig, progress=None) -> Result:
     model = resolve_model(cfg.model)
     embedder = Embedder.load(None, model.weights_path, model.dict_path, "detector", model.detector_path, device)
     aligner = FaceAligner(pick=cfg.face)
-    images = _decode_all([p for pair in cfg.pairs for p in pair])
+    # every distinct photo decoded before any work, or one line naming the first that is not an image
+    images = {p: read_photo(p) for p in dict.fromkeys(p for pair in cfg.pairs for p in pair)}
 
     chips, faces, problem = {}, {}, {}
     for i, (p, image) in enumerate(images.items()):

@@ -40,7 +40,9 @@ def test_occlude_command_writes_the_photo_and_refuses_bad_input(tmp_path):
     for args, message in [([str(tmp_path / "wall.jpg"), "--occluder", "mask"], "no face found"),
                           ([str(photo), "--occluder", "none"], "draws nothing"),
                           ([str(photo), "--occluder", "hat"], "unknown occlusion"),
-                          ([str(photo), "--occluder", "block"], "give one (block:J")]:
+                          ([str(photo), "--occluder", "block"], "give one (block:J"),
+                          ([str(tmp_path), "--occluder", "mask"], "is a folder, not an image"),
+                          ([str(tmp_path / "nope.jpg"), "--occluder", "mask"], "no such image")]:
         r = runner.invoke(app, ["occlude", *args, "--out", str(tmp_path / "x.png")])
         assert r.exit_code == 2 and message in r.output, (args, r.output)
         assert not (tmp_path / "x.png").exists()

@@ -142,6 +142,20 @@ def read_image(path: str | bytes | os.PathLike) -> np.ndarray:
     return arr
 
 
+def read_photo(path: Path) -> np.ndarray:
+    """One photo a user named (``pdsn verify``, ``pdsn occlude``): decoded as ``read_image`` does, or one line
+    (BadInputError) saying why not — a folder, a missing file, or the reason it is not a readable image."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{path} is a folder, not an image (pdsn embed --input embeds a folder)")
+    if not path.exists():
+        raise BadInputError(f"no such image: {path}")
+    try:
+        return read_image(path)
+    except BadImage as e:
+        raise BadInputError(f"{path}: {e}") from None
+
+
 def read_raw(path: str | os.PathLike) -> np.ndarray:
     """One frame of the original release: 768×576, three whole colour planes (R, G, B) of 576 rows × 768
     bytes, no header. Returns RGB uint8 576×768×3, or raises BadImage with the reason."""

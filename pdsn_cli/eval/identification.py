@@ -408,11 +408,6 @@ def detector_vs_drawn(found: np.ndarray, drawn: np.ndarray) -> dict:
             "detector_recall_vs_drawn": tp / max(int(drawn.sum()), 1)}
 
 
-def gallery_marked(embedder, chips: np.ndarray) -> float:
-    """Fraction of the clean gallery faces' blocks the detector flags."""
-    return float(embedder.occluded_blocks(chips).mean())
-
-
 def run_ar(cfg: ArConfig, progress=None) -> dict:
     """Rank-1 (and CMC) per probe kind of an AR protocol, baseline vs PDSN.
 
@@ -441,7 +436,9 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
     subject = np.array([chips.identity[c] for c in chips.label])
     g_idx = np.array([pos[im.path] for im in proto.gallery if im.path in pos])
     rows, shown, cmc_curves = [], {}, {}
-    g_marked = gallery_marked(embedder, chips.image[g_idx]) if dictionary is not None and embedder.detector else None
+    # the share of the clean gallery faces' blocks the detector flags
+    g_marked = (float(embedder.occluded_blocks(chips.image[g_idx]).mean())
+                if dictionary is not None and embedder.detector is not None else None)
     for kind, probes in proto.probes.items():
         p_idx = np.array([pos[im.path] for im in probes if im.path in pos])
         if len(p_idx) == 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pdsn_cli.align.aligner import FaceAligner
 from pdsn_cli.align.templates import chip_transform, get_template, transform_points, warp
-from pdsn_cli.data.faces import BadImage, read_image
+from pdsn_cli.data.faces import read_photo
 from pdsn_cli.errors import BadInputError
 from pdsn_cli.occlusion.driver import draw, parse_occlusions
 
@@ -58,8 +58,4 @@ def occlude_photo(image: np.ndarray, occluder: str, seed: int = 0, face: str = "
 
 def occlude_photo_file(photo: Path, occluder: str, seed: int = 0, face: str = "centre") -> OccludedPhoto:
     """``occlude_photo`` of the photo in the file ``photo`` (the caller writes ``.image``: pdsn occlude)."""
-    try:
-        image = read_image(photo)
-    except BadImage as e:
-        raise BadInputError(f"{photo}: {e}") from None
-    return occlude_photo(image, occluder, seed=seed, face=face)
+    return occlude_photo(read_photo(photo), occluder, seed=seed, face=face)
