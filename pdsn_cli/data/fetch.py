@@ -45,12 +45,17 @@ TIMEOUT_S = 60
 Progress = Callable[[int, "int | None"], None]
 
 
-def md5sum(path: str | os.PathLike) -> str:
-    digest = hashlib.md5()
+def file_digest(path: str | os.PathLike, algorithm: str = "md5") -> str:
+    """The hex digest of a file's bytes, read in chunks (downloads: md5; shipped models: sha256)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    return file_digest(path, "md5")
 
 
 def _network_error(url: str, error: BaseException) -> JobFailed:

@@ -14,7 +14,6 @@ A model folder holds
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import numpy as np
 from pdsn_cli import __version__
 from pdsn_cli.atomic import atomic_output, check_writable
 from pdsn_cli.data.chip_cache import DataSpec, load_chips
+from pdsn_cli.data.fetch import file_digest
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.eval.scores import read_scores
 from pdsn_cli.eval.verification import best_threshold
@@ -177,14 +177,6 @@ def apply_model(spec: str | None, dict_path, detector, occlusion_source: str | N
     return dict_path, detector, occlusion_source, weights
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_files(model: PdsnModel) -> list[str]:
     """The model's files whose size or sha256 differ from ``model.json`` (empty: intact)."""
     bad = []
@@ -192,7 +184,7 @@ def check_files(model: PdsnModel) -> list[str]:
         p = model.folder / name
         if not p.is_file():
             bad.append(f"{name}: missing")
-        elif p.stat().st_size != rec["bytes"] or sha256(p) != rec["sha256"]:
+        elif p.stat().st_size != rec["bytes"] or file_digest(p, "sha256") != rec["sha256"]:
             bad.append(f"{name}: sha256 differs from {META_FILE}")
     return bad
 
@@ -334,7 +326,7 @@ def export_model(dict_path: Path, detector_path: Path, out: Path, *, name: str, 
         "figures": figures or {}, "commands": commands or [],
         "reference": {**REFERENCE, "embeddings": np.round(ref, 6).tolist(),
                       "blocks": [np.flatnonzero(b.reshape(-1)).tolist() for b in blocks]},
-        "files": {f: {"bytes": (out / f).stat().st_size, "sha256": sha256(out / f)} for f in files},
+        "files": {f: {"bytes": (out / f).stat().st_size, "sha256": file_digest(out / f, "sha256")} for f in files},
     }
     with atomic_output(out / META_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
