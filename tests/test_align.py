@@ -78,8 +78,12 @@ def test_templates_and_errors():
     np.testing.assert_allclose(TEMPLATES["arc112x96"].dst, TEMPLATES["arc112x112"].dst - [8, 0])
     with pytest.raises(BadInputError, match="unknown template"):
         get_template("arc96")
-    with pytest.raises(BadInputError, match="dlib's 5-point"):
-        align_with_points(np.zeros((50, 50, 3), np.uint8), np.zeros((5, 2)), None, "dlib150")
+    # a dlib template without dlib's points (a dataset's own 5 landmarks): the arc points go to their mean place
+    t = TEMPLATES["dlib150"]
+    arc5 = t.dst_arc5 * 1.7 + [30.0, 12.0]
+    _, lm = align_with_points(np.zeros((300, 300, 3), np.uint8), arc5, None, "dlib150")
+    # dlib's chip geometry maps pixel corners, N·s − 1 apart, not the fit itself: within a pixel of it
+    np.testing.assert_allclose(lm, t.dst_arc5, atol=1.0)
 
 
 def _dlib_photos():

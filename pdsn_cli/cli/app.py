@@ -17,6 +17,7 @@ import typer
 from rich.text import Text
 
 from pdsn_cli import __version__
+from pdsn_cli.align.aligner import FACE_DETECTOR_ENV, resolve_face_detector
 from pdsn_cli.atomic import atomic_output, check_writable
 from pdsn_cli.cli.render import console, literal, out, say
 from pdsn_cli.data.chip_cache import DataSpec
@@ -46,8 +47,21 @@ def _version(value: bool):
         raise typer.Exit()
 
 
+def _face_detector(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        with handled():
+            resolve_face_detector(value)
+        os.environ[FACE_DETECTOR_ENV] = value  # worker processes align as this one does
+    return value
+
+
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+          face_detector: Optional[str] = typer.Option(
+              None, "--face-detector", envvar=FACE_DETECTOR_ENV, callback=_face_detector,
+              help="Finds faces in real photos, for every command: dlib-hog (dlib's HOG, then the CNN for misses; "
+                   "needs dlib-bin) | cnn (the ported CNN detector; no dlib) | auto (default: dlib-hog when dlib "
+                   "is installed, else cnn). Chips of each are cached apart.")):
     out.stderr = False  # results go to stdout unless this command's --json takes it (see _json_writable)
 
 

@@ -1,8 +1,9 @@
 """What ``pdsn cache info|verify|clear`` does: look into, check and empty the cache folder (``PDSN_CACHE``).
 
 Layout: ``chips/<data folder>-<key>/<template>/`` holds aligned-chip shards (``chips-*.h5``) and the records of
-undecodable files (``skipped*.json``); ``features/`` holds trunk features of pairs files (``*.npz``) and of
-distractor sets (``*.h5``). Files being written carry ``.partial``. Only files of these kinds are ever removed,
+undecodable files (``skipped*.json``); ``features/`` holds trunk features of pairs files (``*.npz``, the
+occluded chips' ones in a memory-mapped ``*.occluded.npy``) and of distractor sets (``*.h5``). Files being
+written carry ``.partial``. Only files of these kinds are ever removed,
 so a cache folder pointed by mistake at a folder holding other files loses none of them; a temp file whose
 writer is still running is left alone.
 """
@@ -17,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from pdsn_cli.atomic import lock_path
 from pdsn_cli.data.chip_cache import STAMP, CacheEntry, default_cache_dir, stat_or_none
@@ -26,7 +28,7 @@ from pdsn_cli.errors import BadInputError
 
 KINDS = ("chips", "features")
 _CHIP_FILES = re.compile(r"^(chips-.*\.h5|skipped.*\.json)$")
-_FEATURE_FILES = re.compile(r"^.*\.(npz|h5)$")
+_FEATURE_FILES = re.compile(r"^.*\.(npz|npy|h5)$")
 #: the writer's PID in a temp name made by ``atomic.unique_partial_path``
 _PARTIAL_PID = re.compile(r"\.(\d+)-[0-9a-f]+\.partial$")
 
@@ -214,7 +216,7 @@ def _check_shard(shard: Path) -> tuple[str | None, dict]:
         entry = CacheEntry(shard, i, None if stamps is None else tuple(int(v) for v in stamps[i]), shard_mtime)
         if st is None:
             counts["source_missing"] += 1
-        elif entry.fresh(st):
+        elif entry.fresh(st, given=None):
             counts["fresh"] += 1
         else:
             counts["stale"] += 1
@@ -223,6 +225,9 @@ def _check_shard(shard: Path) -> tuple[str | None, dict]:
 
 def _check_features(path: Path) -> str | None:
     try:
+        if path.suffix == ".npy":  # train-block's memory-mapped features: the header and the size must agree
+            np.load(path, mmap_mode="r")
+            return None
         if path.suffix == ".npz":
             with zipfile.ZipFile(path) as z:
                 bad = z.testzip()

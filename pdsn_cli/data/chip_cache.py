@@ -26,18 +26,20 @@ import cv2
 import h5py
 import numpy as np
 
-from pdsn_cli.align.aligner import FaceAligner
+from pdsn_cli.align.aligner import FaceAligner, resolve_face_detector
 from pdsn_cli.align.templates import align_with_points, get_template
 from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps
 from pdsn_cli.data.chips_h5 import ALIGNED_DETECTED, ALIGNED_FALLBACK, ALIGNED_KNOWN, Chips, ChipsWriter
 from pdsn_cli.data.faces import (TRANSIENT_REASONS, BadImage, FaceItem, Skipped, list_identity_folder,
                                   max_decode_bytes, read_image)
 from pdsn_cli.data.h5util import open_for_writing, read_rows
+from pdsn_cli.data.landmark_files import GivenLandmarks
 from pdsn_cli.data.synthetic import identity_name, synthetic_faces
 from pdsn_cli.errors import BadInputError
 
 SHARD_SIZE = 512
-#: shard dataset holding each entry's source stamp (size, mtime_ns, inode); absent in shards of older versions
+#: shard dataset holding each entry's source stamp (size, mtime_ns, inode, given-landmarks digest; 0: detected);
+#: absent in shards of older versions, 3 columns (no digest) in shards written before landmark files were read
 STAMP = "source_stamp"
 
 
@@ -61,16 +63,18 @@ def stat_or_none(path: Path) -> os.stat_result | None:
 class CacheEntry:
     shard: Path
     row: int
-    stamp: tuple[int, int, int] | None  # None: a shard written before entries were stamped
+    stamp: tuple[int, ...] | None  # None: a shard written before entries were stamped
     shard_mtime_ns: int
 
-    def fresh(self, st: os.stat_result | None) -> bool:
-        """Whether this entry still describes the file whose current stat is ``st``."""
+    def fresh(self, st: os.stat_result | None, given: int | None = 0) -> bool:
+        """Whether this entry still describes the file whose current stat is ``st``, aligned from the given
+        landmarks of digest ``given`` (0: detected; None: whatever it was aligned from)."""
         if st is None:
             return False
         if self.stamp is None:  # unstamped: valid while the file has not changed since the shard was written
-            return max(st.st_mtime_ns, st.st_ctime_ns) <= self.shard_mtime_ns
-        return self.stamp == source_stamp(st)
+            return given in (0, None) and max(st.st_mtime_ns, st.st_ctime_ns) <= self.shard_mtime_ns
+        digest = self.stamp[3] if len(self.stamp) > 3 else 0
+        return self.stamp[:3] == source_stamp(st) and given in (digest, None)
 
 
 @dataclass
@@ -80,6 +84,7 @@ class AlignReport:
     from_cache: int = 0
     fallbacks: int = 0
     several_faces: int = 0
+    from_landmark_files: int = 0  # aligned now from the dataset's own landmarks or boxes, not detected
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # shown by the CLI, a result's "warnings"
 
@@ -89,6 +94,7 @@ class AlignReport:
             "aligned_now": self.aligned_now,
             "from_cache": self.from_cache,
             "fallback_crops": self.fallbacks,
+            "from_landmark_files": self.from_landmark_files,
             "skipped": len(self.skipped),
             "skipped_files": [s.as_dict() for s in self.skipped],
         }
@@ -112,18 +118,23 @@ def _init_pool_worker(max_centre_offset: float | None = None) -> None:
 
 
 def _align_file(args):
-    root, rel, template, disk, landmarks = args
+    root, rel, template, disk, landmarks, given = args
     try:
         image = read_image(Path(root) / disk)
     except BadImage as e:
         return rel, None, str(e)
     try:
-        arc5, dlib5, dlib68, detected, faces = _ALIGNER.find_points(image)
+        if given is not None:
+            arc5, dlib5, dlib68 = _ALIGNER.given_points(image, given)
+            how, faces = ALIGNED_KNOWN, 1
+        else:
+            arc5, dlib5, dlib68, detected, faces = _ALIGNER.find_points(image)
+            how = ALIGNED_DETECTED if detected else ALIGNED_FALLBACK
         chip, lm = align_with_points(image, arc5, dlib5, template, dlib68 if landmarks == 68 else None)
     except MemoryError:
         h, w = image.shape[:2]
         return rel, None, f"out of memory while aligning ({w}×{h})"
-    return rel, (chip, lm, ALIGNED_DETECTED if detected else ALIGNED_FALLBACK, faces), None
+    return rel, (chip, lm, how, faces), None
 
 
 # ---- the cache ---------------------------------------------------------------------------------------------
@@ -144,6 +155,10 @@ class ChipCache:
         name = template if centred is None else f"{template}-centred{centred:g}"
         if landmarks == 68 and self.template.dst68 is not None:
             name += "-lm68"
+        #: which detector finds the faces (``--face-detector``): chips of another detector are cached apart
+        self.face_detector = resolve_face_detector()
+        if self.face_detector != "dlib-hog":
+            name += f"-{self.face_detector}"
         self.dir = (cache_dir or default_cache_dir()) / "chips" / f"{self.root.name}-{key}" / name
         self.dir.mkdir(parents=True, exist_ok=True)
         #: source → the entry ``ensure`` found fresh, which ``load`` then reads
@@ -195,10 +210,13 @@ class ChipCache:
         max_decode_bytes()  # a bad PDSN_MAX_IMAGE_MB is refused here, not as a skip reason of every image
         entries = self.entries()
         bad = self._bad()
+        known = GivenLandmarks(self.root)
+        given = {it.path: known.get(it.path, it.file) for it in items}
         todo, stamps = [], {}
         for it in items:
             st = stat_or_none(self.root / (it.file or it.path))
-            hit = next((e for e in reversed(entries.get(it.path, ())) if e.fresh(st)), None)
+            digest = given[it.path].digest() if given[it.path] is not None else 0
+            hit = next((e for e in reversed(entries.get(it.path, ())) if e.fresh(st, digest)), None)
             if hit is not None:
                 self._resolved[it.path] = hit
                 rep.from_cache += 1
@@ -206,7 +224,7 @@ class ChipCache:
                 rep.skipped.append(Skipped(it.path, bad[it.path][source_stamp(st)]))
             else:
                 todo.append(it)
-                stamps[it.path] = source_stamp(st) if st is not None else (-1, -1, -1)
+                stamps[it.path] = (*source_stamp(st), digest) if st is not None else (-1, -1, -1, digest)
         if progress:
             progress(rep.from_cache + len(rep.skipped), len(items))
         if not todo:
@@ -214,7 +232,8 @@ class ChipCache:
         token = f"{os.getpid()}-{secrets.token_hex(4)}"  # this run's shards never collide with another run's
         shard_no = 0
         ident = {it.path: it.identity for it in items}
-        jobs = [(str(self.root), it.path, self.template.name, it.file or it.path, self.landmarks) for it in todo]
+        jobs = [(str(self.root), it.path, self.template.name, it.file or it.path, self.landmarks, given[it.path])
+                for it in todo]
         pool = None
         if workers > 1:
             pool = mp.get_context("spawn").Pool(workers, initializer=_init_pool_worker, initargs=(self.centred,))
@@ -241,12 +260,13 @@ class ChipCache:
                 done += 1
                 if res is None:
                     if not reason.startswith(TRANSIENT_REASONS):  # a later run with more memory may succeed
-                        found_bad[rel] = (stamps[rel], reason)
+                        found_bad[rel] = (stamps[rel][:3], reason)
                     rep.skipped.append(Skipped(rel, reason))
                 else:
                     buf.append((rel, res))
                     rep.aligned_now += 1
                     rep.fallbacks += res[2] == ALIGNED_FALLBACK
+                    rep.from_landmark_files += res[2] == ALIGNED_KNOWN
                     rep.several_faces += res[3] > 1
                 if len(buf) >= SHARD_SIZE:
                     flush()
@@ -275,7 +295,7 @@ class ChipCache:
                     [r[2] for _, r in buf],
                 )
                 wr.close()
-                f.create_dataset(STAMP, data=np.array([stamps[rel] for rel, _ in buf], np.int64).reshape(-1, 3))
+                f.create_dataset(STAMP, data=np.array([stamps[rel] for rel, _ in buf], np.int64).reshape(-1, 4))
         mtime_ns = final.stat().st_mtime_ns
         for i, (rel, _) in enumerate(buf):
             self._resolved[rel] = CacheEntry(final, i, tuple(stamps[rel]), mtime_ns)
@@ -302,7 +322,7 @@ class ChipCache:
         for s in missing:
             st = stat_or_none(self.root / s)
             cands = entries[s]
-            found[s] = next((e for e in reversed(cands) if e.fresh(st)), cands[-1])
+            found[s] = next((e for e in reversed(cands) if e.fresh(st, None)), cands[-1])
         return found
 
     def content_key(self, sources: list[str]) -> str:

@@ -251,11 +251,18 @@ def list_identity_folder(root: str | os.PathLike, identities: set[str] | None = 
                     skipped.append(Skipped(rel, "not a regular file (a folder, FIFO or device)"))
                 continue
             if Path(f.name).suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append(Skipped(rel, "not an image file extension"))
+                if not is_landmark_sidecar(f.name):
+                    skipped.append(Skipped(rel, "not an image file extension"))
                 continue
             disk = f"{person.name}/{f.name}"
             items.append(FaceItem(rel, ident, None if disk == rel else disk))
     return items, skipped
+
+
+def is_landmark_sidecar(name: str) -> bool:
+    """``photo.jpg.json``: an image's landmark file (``data/landmark_files.py``), not a stray file."""
+    stem, ext = os.path.splitext(name)
+    return ext.lower() == ".json" and os.path.splitext(stem)[1].lower() in IMAGE_EXTENSIONS
 
 
 def read_identity_list(path: str | os.PathLike) -> set[str]:

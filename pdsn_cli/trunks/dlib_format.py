@@ -6,7 +6,8 @@ This follows dlib's own serializers (``dlib/serialize.h``, ``dlib/dnn/{core,laye
   magnitude, little-endian;
 - ``float``/``double``: a ``float_details`` pair, int64 mantissa then int16 exponent, value =
   mantissa * 2**exponent (exponents 32000/32001/32002 mean +inf/-inf/nan);
-- ``bool``: one ASCII byte, ``'1'`` or ``'0'``;  strings: length (integer) then the bytes;
+- ``bool``: one ASCII byte, ``'1'`` or ``'0'``; ``char``/``uint8_t``: one raw byte; strings: length (integer)
+  then the bytes;
 - ``resizable_tensor``: version (2: raw little-endian float32 data, 1: one dlib float per value),
   then num_samples, k, nr, nc, then the values; ``alias_tensor``: version 1 then the four dims.
 
@@ -87,6 +88,10 @@ class DlibReader:
             raise self.error(f"bad bool byte 0x{ch:02x}")
         return ch == ord("1")
 
+    def byte(self) -> int:
+        """A ``char``/``uint8_t``: dlib writes these as one raw byte, not as an integer."""
+        return self._take(1)[0]
+
     def string(self, max_len: int = 1 << 16) -> str:
         n = self.int()
         if not 0 <= n <= max_len:
@@ -139,7 +144,8 @@ class DlibLayer:
     """One layer as stored in the file.
 
     ``kind`` is the layer type without dlib's version suffix ("con", "affine", "relu", "max_pool",
-    "avg_pool", "add_prev", "fc", "tag_or_skip", "input_rgb_image_sized", "loss_metric");
+    "avg_pool", "add_prev", "fc", "tag_or_skip", "input_rgb_image_sized", "input_rgb_image_pyramid",
+    "loss_metric", "loss_mmod");
     ``arrays`` holds its parameters already shaped the dlib way (conv weight O×I×kh×kw, fc weight
     num_inputs×num_outputs, per-channel vectors flat); ``attrs`` its hyper-parameters.
     """
@@ -252,6 +258,13 @@ def _read_input(r: DlibReader) -> DlibLayer:
     if version == "input_rgb_image":
         mean = (r.float(), r.float(), r.float())
         return DlibLayer(version, version, {}, dict(mean_rgb=mean))
+    if version in ("input_rgb_image_pyramid", "input_rgb_image_pyramid2"):
+        # The pyramid type (e.g. pyramid_down<6>) is part of the C++ type, not of the file. Files
+        # written before the "2" version carry no paddings; dlib then uses 10 and 11.
+        mean = (r.float(), r.float(), r.float())
+        padding, outer_padding = (r.int(), r.int()) if version.endswith("2") else (10, 11)
+        attrs = dict(mean_rgb=mean, pyramid_padding=padding, pyramid_outer_padding=outer_padding)
+        return DlibLayer("input_rgb_image_pyramid", version, {}, attrs)
     raise r.error(f"unsupported input layer {version!r}")
 
 
@@ -259,7 +272,35 @@ def _read_loss(r: DlibReader) -> DlibLayer:
     version = r.string(256)
     if version == "loss_metric_2":
         return DlibLayer("loss_metric", version, {}, dict(margin=r.float(), distance_threshold=r.float()))
+    if version == "loss_mmod_":
+        return DlibLayer("loss_mmod", version, {}, _read_mmod_options(r))
     raise r.error(f"unsupported loss layer {version!r}")
+
+
+def _read_mmod_options(r: DlibReader) -> dict:
+    """``mmod_options`` (versions 1 to 4); fields a version lacks get dlib's defaults."""
+    version = r.int()
+    if not 1 <= version <= 4:
+        raise r.error(f"unknown mmod_options version {version}")
+    if version == 1:
+        windows = [(r.int(), r.int(), "")]  # a single detector window, width then height
+    else:
+        windows = []
+        for _ in range(r.int()):
+            window_version = r.int()
+            if window_version not in (1, 2):
+                raise r.error(f"unknown detector window version {window_version}")
+            width, height = r.int(), r.int()
+            windows.append((width, height, r.string() if window_version == 2 else ""))
+    attrs = dict(detector_windows=windows, loss_per_false_alarm=r.float(), loss_per_missed_target=r.float(),
+                 truth_match_iou_threshold=r.float())
+    # test_box_overlap: (iou_thresh, percent_covered_thresh)
+    attrs["overlaps_nms"] = (r.float(), r.float())
+    attrs["overlaps_ignore"] = (r.float(), r.float())
+    attrs["assume_image_pyramid"] = bool(r.byte()) if version >= 3 else True  # use_image_pyramid: uint8_t
+    bbr = (r.bool(), r.float()) if version >= 4 else (False, 100.0)
+    attrs["use_bounding_box_regression"], attrs["bbr_lambda"] = bbr
+    return attrs
 
 
 def _skip_layer_state(r: DlibReader, add_layer_version: int, bottom: bool) -> None:
