@@ -44,6 +44,45 @@ def models_dir() -> str:
 _CENTRED_ARC5 = np.array([[0.4193, 0.4560], [0.5813, 0.4500], [0.5000, 0.5440], [0.4320, 0.6360], [0.5800, 0.6320]])
 _CENTRED_DLIB5 = np.array([[0.6120, 0.4520], [0.5480, 0.4520], [0.3880, 0.4560], [0.4520, 0.4600], [0.5040, 0.5760]])
 
+#: how a detection stage picks among its faces: nearest the image centre, or the largest
+PICKS = ("centre", "largest")
+
+
+def centred_points(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(arc5, dlib5) in pixels of an h×w photo where no face was found: the dataset's centred crop."""
+    scale = np.array([w, h], np.float64)
+    return _CENTRED_ARC5 * scale, _CENTRED_DLIB5 * scale
+
+
+def check_pick(pick: str) -> str:
+    """``pick`` if it is one of :data:`PICKS`, else a BadInputError."""
+    if pick not in PICKS:
+        raise BadInputError(f"--face must be one of {', '.join(PICKS)}, got {pick!r}")
+    return pick
+
+
+def choose_face(rects, h: int, w: int, max_centre_offset: float | None = None, pick: str = "centre"):
+    """The face one detection stage gives an h×w photo, among the rectangles it found (left, top, right,
+    bottom): the one nearest the centre, or the largest with ``pick="largest"``, once those farther from the
+    centre than ``max_centre_offset`` × the shorter side are dropped. (rect or None, faces the stage found,
+    counted before that drop.)"""
+    check_pick(pick)
+    rects = list(rects)
+    seen = len(rects)
+    c = np.array([w / 2, h / 2])
+
+    def dist(r):
+        return np.hypot((r[0] + r[2]) / 2 - c[0], (r[1] + r[3]) / 2 - c[1])
+
+    if max_centre_offset is not None:
+        rects = [r for r in rects if dist(r) <= max_centre_offset * min(h, w)]
+    if not rects:
+        return None, seen
+    if pick == "largest":
+        return max(rects, key=lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)), seen
+    return min(rects, key=dist), seen
+
+
 #: the HOG detector searches photos whose longer side is above this on a copy downscaled to it
 HOG_MAX_SIDE = 1024
 #: the CNN detector's limit, far lower: it took 50 s for a 768 px image on a busy CPU core (AR's 768×576
@@ -95,12 +134,11 @@ class FaceAligner:
     one nearest the centre (a photo whose subject is not in the middle).
     """
 
-    PICKS = ("centre", "largest")
+    PICKS = PICKS
 
     def __init__(self, use_cnn: bool = True, max_centre_offset: float | None = None, pick: str = "centre",
                  face_detector: str | None = None):
-        if pick not in self.PICKS:
-            raise BadInputError(f"--face must be one of {', '.join(self.PICKS)}, got {pick!r}")
+        check_pick(pick)
         self.face_detector = resolve_face_detector(face_detector)
         self.hog = None
         if self.face_detector == "dlib-hog":
@@ -142,22 +180,13 @@ class FaceAligner:
         return out
 
     def detect(self, image: np.ndarray):
-        """The face rectangle nearest the centre (or the largest), or None; also how many faces that stage saw."""
+        """The face rectangle of the first stage that gives one (:func:`choose_face`), or None; also how many
+        faces that stage saw (0 with None)."""
         h, w = image.shape[:2]
-        c = np.array([w / 2, h / 2])
-
-        def dist(r):
-            return np.hypot((r[0] + r[2]) / 2 - c[0], (r[1] + r[3]) / 2 - c[1])
-
         for stage in self.stages(image):
-            rects = list(stage())
-            seen = len(rects)
-            if self.max_centre_offset is not None:
-                rects = [r for r in rects if dist(r) <= self.max_centre_offset * min(h, w)]
-            if rects:
-                if self.pick == "largest":
-                    return max(rects, key=lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)), seen
-                return min(rects, key=dist), seen
+            rect, seen = choose_face(stage(), h, w, self.max_centre_offset, self.pick)
+            if rect is not None:
+                return rect, seen
         return None, 0
 
     def predictors(self):
@@ -189,9 +218,7 @@ class FaceAligner:
         """(arc5, dlib5, dlib68 or None, detected: bool, faces_seen: int) in image pixels."""
         rect, n = self.detect(image)
         if rect is None:
-            h, w = image.shape[:2]
-            scale = np.array([w, h], np.float64)
-            return _CENTRED_ARC5 * scale, _CENTRED_DLIB5 * scale, None, False, 0
+            return *centred_points(*image.shape[:2]), None, False, 0
         arc5, dlib5, dlib68 = self.landmarks(image, rect)
         return arc5, dlib5, dlib68, True, n
 

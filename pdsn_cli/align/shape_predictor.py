@@ -629,9 +629,9 @@ def shipped_predictor(points: int) -> ShapePredictor:
 
 class TorchShapePredictor:
     """:class:`ShapePredictor`'s algorithm on torch tensors, for a GPU: same inputs, (F, N, 2) float64
-    landmarks as a tensor on ``device``. Every step is the numpy port's operation for operation (including
-    the leaf vectors added tree after tree, one small kernel per tree), so on CPU the result is bit for bit
-    the numpy port's; a GPU's elementwise float arithmetic is IEEE as well, and only the similarity's double
+    landmarks as a tensor on ``device``; :meth:`predict_on` and :meth:`parts_on` read images already on the
+    device. Every step is the numpy port's operation for operation (including the leaf vectors added tree
+    after tree, one small kernel per tree), so on CPU the result is bit for bit the numpy port's; a GPU's elementwise float arithmetic is IEEE as well, and only the similarity's double
     matrix product may round differently there (invisible after the cast to float)."""
 
     def __init__(self, model: ShapeModel, device="cpu"):
@@ -651,10 +651,15 @@ class TorchShapePredictor:
     def from_file(cls, path: str | os.PathLike, device="cpu") -> TorchShapePredictor:
         return cls(load_shape_model(path), device)
 
-    def _faces(self, faces: _Faces) -> dict:
+    def _faces(self, faces: _Faces, pixels=None) -> dict:
+        """``faces``' geometry as tensors on the device; ``pixels`` (a flat uint8 tensor there) replaces
+        ``faces.pixels``, which is then not copied over."""
         as_t = self.torch.from_numpy
+        skip = ("rects",) if pixels is None else ("rects", "pixels")
         geo = {k: as_t(np.array(v)).to(self.device) for k, v in vars(faces).items()
-               if isinstance(v, np.ndarray) and k != "rects"}
+               if isinstance(v, np.ndarray) and k not in skip}
+        if pixels is not None:
+            geo["pixels"] = pixels
         geo["channels"] = faces.channels
         return geo
 
@@ -683,9 +688,9 @@ class TorchShapePredictor:
             node = 2 * node + 2 - left.long()
         return node - lv["splits"]
 
-    def _run(self, faces: _Faces):
+    def _run(self, faces: _Faces, pixels=None):
         torch, f = self.torch, faces.rects.shape[0]
-        g = self._faces(faces)
+        g = self._faces(faces, pixels)
         shape = self._initial.repeat(f, 1)
         for lv in self._levels:
             a, b = (shape.double() @ self._kernel).T
@@ -694,7 +699,7 @@ class TorchShapePredictor:
             rows = lv["leaves"][lv["leaf_base"] + leaf.T]
             for t in range(rows.shape[0]):  # dlib's order of float additions
                 shape = shape + rows[t]
-        shape = shape.reshape(f, -1, 2).double()
+        shape = shape.reshape(f, self.model.num_parts, 2).double()  # -1 is ambiguous for zero faces
         x = g["scale_x"] * shape[..., 0] + g["left"]
         y = g["scale_y"] * shape[..., 1] + g["top"]
         return torch.stack([x, y], -1)
@@ -714,6 +719,36 @@ class TorchShapePredictor:
                                 f"and {r.shape[0]} rectangles")
         with self.torch.inference_mode():
             return self._run(_many_images(images, r))
+
+    def predict_on(self, images, image_index, rects):
+        """Landmarks of ``rects[f]`` in ``images[image_index[f]]``, read from a batch of same-size images already
+        on the device (an NxHxWx3 or NxHxW uint8 tensor): no copy of the pixels, unlike :meth:`predict_many`,
+        which takes host images. (F, N, 2) float64 tensor on ``device``."""
+        torch = self.torch
+        if images.dtype != torch.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[3] == 3)):
+            raise BadInputError(f"shape predictor needs an 8-bit grey or RGB batch (NxHxW or NxHxWx3), got "
+                                f"{images.dtype} {tuple(images.shape)}")
+        r = _as_rects(rects)
+        index = np.asarray(image_index, np.intp).reshape(-1)
+        n, h, w = images.shape[:3]
+        if index.size != r.shape[0]:
+            raise BadInputError(f"predict_on needs one image index per rectangle, got {index.size} indices "
+                                f"and {r.shape[0]} rectangles")
+        if index.size and (index.min() < 0 or index.max() >= n):
+            raise BadInputError(f"predict_on: image index out of range for a batch of {n}")
+        channels = 1 if images.ndim == 3 else 3
+        ones = np.ones((index.size, 1), np.intp)
+        faces = _Faces(r, np.zeros(3, np.uint8), index[:, None] * (h * w * channels), h * ones, w * ones, channels)
+        pixels = images.to(self.device).reshape(-1)
+        if pixels.numel() < 3:  # as _Faces does: every pixel is outside, but the gathers need an index 0..2
+            pixels = torch.zeros(3, dtype=torch.uint8, device=self.device)
+        with torch.inference_mode():
+            return self._run(faces, pixels)
+
+    def parts_on(self, images, image_index, rects) -> np.ndarray:
+        """:meth:`predict_on` as the (F, N, 2) int64 points dlib's ``part(i)`` holds (``dlib_parts``), on the
+        host."""
+        return dlib_parts(self.predict_on(images, image_index, rects).cpu().numpy())
 
 
 __all__ = [
