@@ -8,7 +8,6 @@ import os
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from conftest import needs_dlib
 from pdsn_cli.align.aligner import models_dir
@@ -24,14 +23,6 @@ from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.trunks.dlib_format import DlibReader, _read_loss, read_net_file
 
 MODEL = os.path.join(models_dir(), MODEL_FILE)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -131,41 +131,55 @@ def _simd_columns(in_cols: int, out_cols: int) -> tuple[np.ndarray, int]:
     return xs[:n_groups].reshape(-1), 4 * n_groups
 
 
-def _resize_rgb(img: np.ndarray, out_rows: int, out_cols: int) -> np.ndarray:
-    """dlib's ``resize_image(rgb, rgb, interpolate_bilinear)``, bit for bit."""
-    in_rows, in_cols = img.shape[:2]
+def _row_samples(in_rows: int, out_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each output row's top and bottom source rows and the float64 weight of the bottom one."""
     y_scale = (in_rows - 1) / max(out_rows - 1, 1)
     # y accumulates in float64 row by row, starting from -y_scale
     ys = np.add.accumulate(np.r_[-y_scale, np.full(out_rows, y_scale)])[1:]
-    top = np.floor(ys).astype(np.intp)
-    bottom = np.minimum(top + 1, in_rows - 1)
-    tb = ys - top
+    top = np.floor(ys).astype(np.int64)
+    return top, np.minimum(top + 1, in_rows - 1), ys - top
+
+
+def _simd_weights(xs: np.ndarray, tb: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The SIMD columns' left source column and their four float32 weights (top-left, top-right, bottom-left,
+    bottom-right), formed as dlib's lanes form them."""
+    left = xs.astype(np.int32)  # truncation (cvttps2dq)
+    lr = xs - left.astype(np.float32)
+    inv_lr = np.float32(1) - lr
+    tb32 = tb.astype(np.float32)[:, None]
+    inv_tb32 = (1 - tb).astype(np.float32)[:, None]
+    return left, [inv_tb32 * inv_lr, inv_tb32 * lr, tb32 * inv_lr, tb32 * lr]
+
+
+def _tail_samples(in_cols: int, out_cols: int, n_simd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The columns dlib's scalar float64 loop finishes a row with (x accumulated from the last SIMD column):
+    left and right source columns and the float64 weight of the right one."""
+    x_scale = (in_cols - 1) / max(out_cols - 1, 1)
+    x_tail = np.add.accumulate(np.r_[-x_scale + n_simd * x_scale, np.full(out_cols - n_simd, x_scale)])[1:]
+    left = np.floor(x_tail).astype(np.int64)
+    return left, np.minimum(left + 1, in_cols - 1), x_tail - left
+
+
+def _resize_rgb(img: np.ndarray, out_rows: int, out_cols: int) -> np.ndarray:
+    """dlib's ``resize_image(rgb, rgb, interpolate_bilinear)``, bit for bit."""
+    in_rows, in_cols = img.shape[:2]
+    top, bottom, tb = _row_samples(in_rows, out_rows)
     planes = np.ascontiguousarray(img.transpose(2, 0, 1))  # channel planes keep numpy's inner loops long
     out = np.empty((3, out_rows, out_cols), np.uint8)
 
     xs, n_simd = _simd_columns(in_cols, out_cols)
     if n_simd:
-        left = xs.astype(np.int32)  # truncation (cvttps2dq)
-        lr = xs - left.astype(np.float32)
-        inv_lr = np.float32(1) - lr
-        tb32 = tb.astype(np.float32)[:, None]
-        inv_tb32 = (1 - tb).astype(np.float32)[:, None]
+        left, w = _simd_weights(xs, tb)
         cols_l = np.take(planes, left, axis=2).astype(np.float32)
         cols_r = np.take(planes, left + 1, axis=2).astype(np.float32)
         # ((tl*w_tl + tr*w_tr) + bl*w_bl) + br*w_br, each product and sum rounded to float32 as in the SIMD lanes
-        acc = cols_l[:, top] * (inv_tb32 * inv_lr)
-        acc += cols_r[:, top] * (inv_tb32 * lr)
-        acc += cols_l[:, bottom] * (tb32 * inv_lr)
-        acc += cols_r[:, bottom] * (tb32 * lr)
+        acc = cols_l[:, top] * w[0]
+        acc += cols_r[:, top] * w[1]
+        acc += cols_l[:, bottom] * w[2]
+        acc += cols_r[:, bottom] * w[3]
         out[:, :, :n_simd] = acc.astype(np.int32)
     if n_simd < out_cols:
-        # dlib finishes the row with a scalar float64 loop, x accumulated from the last SIMD column
-        x_scale = (in_cols - 1) / max(out_cols - 1, 1)
-        n_tail = out_cols - n_simd
-        x_tail = np.add.accumulate(np.r_[-x_scale + n_simd * x_scale, np.full(n_tail, x_scale)])[1:]
-        left = np.floor(x_tail).astype(np.intp)
-        right = np.minimum(left + 1, in_cols - 1)
-        lr = x_tail - left
+        left, right, lr = _tail_samples(in_cols, out_cols, n_simd)
         t = tb[:, None]
         cols_l = np.take(planes, left, axis=2).astype(np.float64)
         cols_r = np.take(planes, right, axis=2).astype(np.float64)
@@ -193,24 +207,16 @@ def pyramid_up_tensor(images: torch.Tensor) -> torch.Tensor:
         return images[:, :0, :0]
     out_rows, out_cols = _pyramid2_up_shape(rows, cols)
     dev = images.device
-    y_scale = (rows - 1) / max(out_rows - 1, 1)
-    ys = np.add.accumulate(np.r_[-y_scale, np.full(out_rows, y_scale)])[1:]
-    top = np.floor(ys).astype(np.int64)
-    bottom = np.minimum(top + 1, rows - 1)
-    tb = ys - top
+    top, bottom, tb = _row_samples(rows, out_rows)
     top_t, bottom_t = torch.from_numpy(top).to(dev), torch.from_numpy(bottom).to(dev)
     planes = images.permute(0, 3, 1, 2)  # N×3×H×W
     out = torch.empty((n, 3, out_rows, out_cols), dtype=torch.uint8, device=dev)
 
     xs, n_simd = _simd_columns(cols, out_cols)
     if n_simd:
-        left = xs.astype(np.int32)
-        lr = xs - left.astype(np.float32)
-        inv_lr = np.float32(1) - lr
-        tb32 = tb.astype(np.float32)[:, None]
-        inv_tb32 = (1 - tb).astype(np.float32)[:, None]
+        left, w = _simd_weights(xs, tb)
         # the four weights as the numpy port forms them (float32 products), then the same float32 sums
-        weights = [torch.from_numpy(w).to(dev) for w in (inv_tb32 * inv_lr, inv_tb32 * lr, tb32 * inv_lr, tb32 * lr)]
+        weights = [torch.from_numpy(wi).to(dev) for wi in w]
         li = torch.from_numpy(left.astype(np.int64)).to(dev)
         cols_l = planes.index_select(3, li).float()
         cols_r = planes.index_select(3, li + 1).float()
@@ -220,12 +226,8 @@ def pyramid_up_tensor(images: torch.Tensor) -> torch.Tensor:
         acc += cols_r.index_select(2, bottom_t) * weights[3]
         out[..., :n_simd] = acc.to(torch.int32).to(torch.uint8)  # truncation, as cvttps2dq
     if n_simd < out_cols:
-        x_scale = (cols - 1) / max(out_cols - 1, 1)
-        n_tail = out_cols - n_simd
-        x_tail = np.add.accumulate(np.r_[-x_scale + n_simd * x_scale, np.full(n_tail, x_scale)])[1:]
-        left = np.floor(x_tail).astype(np.int64)
-        right = np.minimum(left + 1, cols - 1)
-        lr = torch.from_numpy(x_tail - left).to(dev)
+        left, right, lr = _tail_samples(cols, out_cols, n_simd)
+        lr = torch.from_numpy(lr).to(dev)
         t = torch.from_numpy(tb).to(dev)[:, None]
         cols_l = planes.index_select(3, torch.from_numpy(left).to(dev)).double()
         cols_r = planes.index_select(3, torch.from_numpy(right).to(dev)).double()
