@@ -64,14 +64,14 @@ class EmbedConfig:
     compile: str = "auto"
 
 
-def _load_input(cfg: EmbedConfig, template: str, progress=None, shard: tuple[int, int] = (0, 1)):
+def _load_input(cfg: EmbedConfig, template: str, progress=None, shard: tuple[int, int] = (0, 1), device=None):
     """(chips, occupancy or None, report, (lo, hi)) for any supported input: the rows lo..hi of ``chips`` are the
     ``shard`` (rank, world) this process embeds. Images to align are sharded before aligning (each process aligns
     its own); files of chips are read row range by row range."""
     p = cfg.input
     if p.is_dir():
         items, skipped = list_identity_folder(p)
-        return _align(p, items, skipped, template, cfg, progress, shard)
+        return _align(p, items, skipped, template, cfg, progress, shard, device)
     if not p.is_file():
         raise BadInputError(f"input not found: {p}")
     if p.suffix in (".h5", ".hdf5"):
@@ -83,7 +83,8 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None, shard: tuple[int
         if kind == pairs_h5.KIND:
             if cfg.which not in ("clean", "occluded"):
                 raise BadInputError(f"--which must be clean or occluded, got {cfg.which!r}")
-            pr = pairs_h5.read_pairs(p)
+            # only the chips asked for (occluded ones are regenerated from a schema-2 file)
+            pr = pairs_h5.read_pairs(p, masks=False, clean=cfg.which == "clean", occluded=cfg.which == "occluded")
             if pr.attrs["template"] != template:
                 raise SchemaError(f"{p} holds {pr.attrs['template']} chips, trunk needs {template}")
             img = pr.clean if cfg.which == "clean" else pr.occluded
@@ -113,12 +114,14 @@ def _load_input(cfg: EmbedConfig, template: str, progress=None, shard: tuple[int
                               None if printable(line) == line else line))
     if not items:
         raise BadInputError(f"{p} lists no image")
-    return _align(Path(root), items, [], template, cfg, progress, shard)
+    return _align(Path(root), items, [], template, cfg, progress, shard, device)
 
 
-def _align(root, items, skipped, template, cfg, progress, shard):
+def _align(root, items, skipped, template, cfg, progress, shard, device=None):
     lo, hi = shard_bounds(len(items), *shard)
-    chips, rep = ChipCache(root, template, cfg.cache_dir).ensure_and_load(
+    # on a GPU the ported CNN detector aligns there too (--face-detector cnn; dlib's HOG is CPU-only)
+    align_device = device if device is not None and device.type == "cuda" else None
+    chips, rep = ChipCache(root, template, cfg.cache_dir, align_device=align_device).ensure_and_load(
         items[lo:hi], skipped if shard[0] == 0 else [], cfg.workers, progress,
         what=f"the images in {cfg.input}" + (f" (shard {shard[0] + 1} of {shard[1]})" if shard[1] > 1 else ""))
     return chips, None, rep, (0, len(chips))
@@ -166,7 +169,7 @@ def _embed(cfg: EmbedConfig, procs: Processes, progress) -> dict | None:
                              head_batch_size=max(256, cfg.batch_size), precision=cfg.precision, compile=cfg.compile)
     trunk, point, dictionary = embedder.trunk, embedder.point, embedder.dictionary
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
-    chips, occ, rep, (lo, hi) = _load_input(cfg, trunk.template, stage("align"), (procs.rank, procs.world))
+    chips, occ, rep, (lo, hi) = _load_input(cfg, trunk.template, stage("align"), (procs.rank, procs.world), device)
     if dictionary is not None and cfg.occlusion_source == "oracle" and occ is None:
         raise BadInputError("--occlusion oracle needs a pairs file as input (its occlusion masks are known)")
     if dictionary is not None and cfg.occlusion_source == "oracle" and occ.shape[1:] != (dictionary.grid,) * 2:

@@ -148,3 +148,22 @@ def assert_same_datasets(a: Path, b: Path) -> None:
         assert da[name].shape == db[name].shape, name
         assert np.array_equal(da[name], db[name]), f"dataset {name} differs between {a} and {b}"
 
+
+def write_schema1(src, out) -> None:
+    """The rows of ``src`` as an older version wrote them (schema 1: both chips on every row)."""
+    import h5py
+
+    from pdsn_cli.data import pairs_h5
+
+    p = pairs_h5.read_pairs(src)
+    with h5py.File(out, "w") as f:
+        for k, v in p.attrs.items():
+            f.attrs[k] = v
+        f.attrs["pdsn_schema"] = 1
+        del f.attrs["store_occluded"]
+        for name in ("clean", "occluded", "blocks", "landmarks", "label", "target"):
+            f[name] = getattr(p, name)
+        f["mask"] = np.packbits(p.mask, axis=-1)
+        for name in ("source", "kind"):
+            f.create_dataset(name, data=getattr(p, name), dtype=pairs_h5.STR)
+        f.create_dataset("identity", data=p.identity, dtype=pairs_h5.STR)

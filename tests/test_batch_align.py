@@ -16,8 +16,7 @@ from pdsn_cli.align import aligner as aligner_mod
 from pdsn_cli.align import batch_align
 from pdsn_cli.align.aligner import FaceAligner
 from pdsn_cli.align.batch_align import DETECTED, FALLBACK, UNREADABLE, BatchAligner, warp_batch
-from pdsn_cli.align.mmod_detector import pyramid_up_tensor
-from pdsn_cli.align.mmod_detector import pyramid_up
+from pdsn_cli.align.mmod_detector import pyramid_up, pyramid_up_tensor
 from pdsn_cli.align.templates import align_with_points, warp
 from pdsn_cli.data.faces import BadImage, read_image
 from pdsn_cli.data.synthetic import synthetic_faces
@@ -162,3 +161,36 @@ def test_on_cuda_pyramid_up_is_exact_and_chips_match_the_cpu_path(photo_folder):
         if chip is not None:  # nvJPEG decodes the JPEGs: a grey level or two apart is expected, not more
             diff = np.abs(out.chips[i].cpu().numpy().astype(int) - chip)
             assert diff.mean() < 2, (p.name, diff.mean(), diff.max())
+
+
+def test_chip_cache_aligns_on_a_device_as_its_workers_do(tmp_path, monkeypatch):
+    """ChipCache(align_device=…) with the CNN detector: the batches give the per-photo path's chips, statuses and
+    skips; a photo with its own landmark file still goes the per-photo way; dlib's HOG declines the device."""
+    import json
+
+    from pdsn_cli.data.chip_cache import ChipCache
+    from pdsn_cli.data.faces import list_identity_folder
+
+    root = tmp_path / "people"
+    faces = synthetic_faces(2, 2, seed=7)
+    for k, f in enumerate(faces):
+        write_jpeg(root / f.identity / f"{f.identity}_{k:04d}.jpg", f.image)
+    (root / faces[0].identity / "broken.jpg").write_bytes(b"not a jpeg")
+    side = root / faces[0].identity / f"{faces[0].identity}_0000.jpg.json"
+    side.write_text(json.dumps({"points": faces[0].landmarks.tolist()}))
+    items, _ = list_identity_folder(root)
+    monkeypatch.setenv(aligner_mod.FACE_DETECTOR_ENV, "cnn")
+    per_photo = ChipCache(root, "dlib150", tmp_path / "c1")
+    on_device = ChipCache(root, "dlib150", tmp_path / "c2", align_device=torch.device("cpu"))
+    r1, r2 = per_photo.ensure(items), on_device.ensure(items)
+    assert (r1.aligned_now, r1.fallbacks, r1.from_landmark_files, len(r1.skipped)) == \
+           (r2.aligned_now, r2.fallbacks, r2.from_landmark_files, len(r2.skipped)) == (4, 0, 1, 1)
+    good = [it.path for it in items if not it.path.endswith("broken.jpg")]
+    a, b = per_photo.load(good), on_device.load(good)
+    np.testing.assert_array_equal(a.aligned_by, b.aligned_by)
+    for x, y in zip(a.image, b.image):
+        _assert_close(torch.from_numpy(y), x)
+    monkeypatch.setenv(aligner_mod.FACE_DETECTOR_ENV, "dlib-hog")
+    if aligner_mod.dlib_installed():
+        rep = ChipCache(root, "dlib150", tmp_path / "c3", align_device=torch.device("cpu")).ensure(items[:1])
+        assert any("--face-detector cnn" in w for w in rep.warnings)

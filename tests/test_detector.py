@@ -12,6 +12,8 @@ import torch
 from pdsn_cli.data import pairs_h5
 from pdsn_cli.pdsn.detector import CHECKPOINT_FORMAT, DetectorNet, OcclusionDetector, resize_chips
 from pdsn_cli.train.detector import TrainDetectorConfig, block_metrics, read_detector_data, train_detector
+
+from conftest import write_schema1
 from pdsn_cli.train.splits import split_by_source
 from pdsn_cli.errors import BadInputError, SchemaError
 
@@ -318,6 +320,12 @@ def test_trains_on_make_pairs_output(tmp_path):
     det = OcclusionDetector.load(out)
     p = pairs_h5.read_pairs(pairs, select=np.arange(8))
     assert det.predict(p.occluded, template="arc112x96").shape == (8, 5, 5)
+    # the chips it reads are regenerated from the file's draw keys: those an older version (schema 1) stored
+    old = tmp_path / "old.h5"
+    write_schema1(pairs, old)
+    a, b = read_detector_data([pairs], (40, 40)), read_detector_data([old], (40, 40))
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.blocks, b.blocks)
+    assert a.kind == b.kind and a.source == b.source and np.array_equal(a.clean, b.clean)
 
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(easy, tmp_path):

@@ -165,6 +165,20 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(fdm_dict, block_pairs,
     assert not ckpt.exists()
 
 
+def test_finetune_reads_schema_1_files_to_the_same_head(tuned, fdm_dict, block_pairs, tiny_weights, tmp_path):
+    """An older version's pairs file (schema 1: chips stored) fine-tunes the head the regenerated chips did."""
+    from conftest import write_schema1
+
+    old = tmp_path / "old.h5"
+    write_schema1(block_pairs, old)
+    res = finetune(FinetuneConfig(dict_path=fdm_dict, pairs=[old], out=tmp_path / "ft.h5", weights=tiny_weights,
+                                  epochs=4, lr=1e-3, batch_size=16, holdout=0.2))
+    assert res["history"] == tuned[1]["history"] and res["held_out_before"] == tuned[1]["held_out_before"]
+    with h5py.File(tmp_path / "ft.h5") as fa, h5py.File(tuned[0]) as fb:
+        for k in fb["head"]:
+            assert np.array_equal(fa["head"][k][()], fb["head"][k][()]), k
+
+
 def test_finetune_under_torchrun_two_processes(fdm_dict, block_pairs, tiny_weights, tmp_path):
     """DDP on gloo: each process takes every 2nd pair of the global batch; rank 0 alone writes and prints."""
     import json

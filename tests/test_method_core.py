@@ -33,7 +33,10 @@ from pdsn_cli.pdsn.embedder import Embedder
 from pdsn_cli.pdsn.mask_generator import MaskGenerators, mean_block_masks, pdsn_loss
 from pdsn_cli.train.blocks import CKPT_KIND, PairFeatures, TrainBlockConfig, train_blocks
 from pdsn_cli.trunks import build_trunk
+from pdsn_cli.trunks.checkpoint import load_checkpoint
 from pdsn_cli.trunks.features import embed_features, extract_features
+
+from conftest import write_schema1
 
 GRID = 5
 TAU = 0.5
@@ -409,6 +412,28 @@ def test_train_block_under_torchrun_steps_on_the_mean_of_the_shards_gradients(on
     assert cos(shards[0][1] + weight_decay, want) < 0.999
     assert cos(gradient(np.arange(12))[1] + weight_decay, want) < 0.999
     assert res["history"][0]["loss"] == pytest.approx((shards[0][0] + shards[1][0]) / 2, rel=1e-4)
+
+
+def test_train_block_on_a_schema_1_file_trains_the_same_generators(trained_blocks, block_pairs, tiny_weights,
+                                                                     tmp_path):
+    """The occluded chips regenerated from a schema-2 file are the ones an older version stored: the same
+    training, bit for bit; and the features are memory-mapped from the cache, not loaded."""
+    old = tmp_path / "old.h5"
+    write_schema1(block_pairs, old)
+    out = tmp_path / "all.pt"
+    res = train_blocks(TrainBlockConfig(pairs=old, out=out, trunk="tiny", weights=tiny_weights, epochs=2,
+                                        batch_size=8))
+    a, b = load_checkpoint(trained_blocks[0]), load_checkpoint(out)
+    assert res["history"] == trained_blocks[1]["history"]
+    assert torch.equal(a["mean_masks"], b["mean_masks"])
+    assert all(torch.equal(a["generators"][k], b["generators"][k]) for k in a["generators"])
+    from pdsn_cli.data.chip_cache import default_cache_dir
+    from pdsn_cli.train.blocks import cached_pair_features
+    feats = cached_pair_features(build_trunk("tiny", tiny_weights), tiny_weights, old, POINT, torch.device("cpu"),
+                                 np.arange(300))
+    assert isinstance(feats.occluded, np.memmap) and isinstance(feats.clean, np.memmap)
+    assert feats.occluded.shape[0] == 300 and feats.clean.shape[0] == 12
+    assert any(p.name.endswith(".occluded.npy") for p in (default_cache_dir() / "features").iterdir())
 
 
 def test_mean_block_masks_are_the_mean_of_min_max_scaled_masks():

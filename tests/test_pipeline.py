@@ -19,7 +19,7 @@ def test_pipeline_runs_every_stage_and_benchmarks_the_finetuned_head(tmp_path, t
     assert res["finetune"]["out"] == str(work / "dict-ft.h5") and res["finetune"]["kept_epoch"] == 1
     assert res["benchmark"]["finetuned_head"] and res["benchmark"]["dictionary"] == str(work / "dict-ft.h5")
     with h5py.File(work / "pairs-random.h5") as f:
-        assert f.attrs["template"] == "arc112x96" and len(f["label"]) > 0
+        assert f.attrs["template"] == "arc112x96" and len(f["chip"]) > 0 and f.attrs["pdsn_schema"] == 2
     assert {(x["method"], x["occlusion"]) for x in res["benchmark"]["results"]} == {
         (m, o) for m in ("baseline", "pdsn") for o in ("none", "sunglasses")}
 

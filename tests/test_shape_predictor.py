@@ -11,6 +11,7 @@ import pytest
 from conftest import needs_dlib
 
 from pdsn_cli.align import shape_predictor as spm
+from pdsn_cli.align import shape_predictor_file as spf
 from pdsn_cli.align.shape_predictor import ShapePredictor, dlib_parts, load_shape_model, parse_shape_predictor
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.trunks.dlib_format import DlibReader
@@ -59,10 +60,10 @@ def test_shipped_models_parse(points, pixels, request):
 
 def test_vectorised_integers_match_dlib_reader():
     """The numpy cut of the file into integers decodes the same values as the byte-by-byte reader."""
-    padded = spm._read_bytes(model_path(5))
+    padded = spf._read_bytes(model_path(5))
     buf = padded[:-8]
-    starts, ctrl = spm._token_starts(buf, "sp5")
-    values = spm._decode(padded, starts, ctrl)
+    starts, ctrl = spf._token_starts(buf, "sp5")
+    values = spf._decode(padded, starts, ctrl)
     r = DlibReader(memoryview(buf))
     slow = []
     for _ in range(20000):

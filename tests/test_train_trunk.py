@@ -28,9 +28,12 @@ from pdsn_cli.train.trunk import (
     TrainTrunkConfig,
     lr_at,
     make_pairs,
+    read_training_images,
     train_trunk,
     two_fold_accuracy,
 )
+
+from conftest import write_schema1
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -211,8 +214,14 @@ def test_reads_clean_images_of_a_pairs_file_once_per_source(tmp_path):
                 kinds=["block"] * n, targets=[-1] * n,
             )
         f.attrs["complete"] = True
+    with h5py.File(path, "r") as f:  # rows given as arrays: each clean chip stored once, the occluded ones stored
+        assert f["chips"].shape[0] == n and f["occluded"].shape[0] == 2 * n
     r = train_trunk(cfg_for(str(path), tmp_path / "run", epochs=1, holdout=0))
     assert r["train_images"] == n and r["train_identities"] == 6 and r["heldout_accuracy"] is None
+    old = tmp_path / "old.h5"  # the same rows as an older version wrote them (schema 1)
+    write_schema1(path, old)
+    a, b = read_training_images(path), read_training_images(old)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels) and len(a.images) == n
 
 
 # ------------------------------------------------------------------------------------------------ DDP

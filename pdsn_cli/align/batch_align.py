@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from pdsn_cli.align.aligner import (CNN_MAX_SIDE, arc5_from_68, centred_points, check_pick, choose_face, downscaled,
                                     models_dir)
@@ -121,8 +122,6 @@ def _read(path) -> tuple[bytes | None, bool]:
 
 def _decode_on(device: torch.device, blobs: list[bytes]) -> list[torch.Tensor | None]:
     """H×W×3 uint8 tensors on ``device``; None where the device's decoder refused a file."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     if not blobs:
         return []
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]

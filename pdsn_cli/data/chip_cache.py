@@ -25,8 +25,10 @@ from pathlib import Path
 import cv2
 import h5py
 import numpy as np
+import torch
 
 from pdsn_cli.align.aligner import FaceAligner, resolve_face_detector
+from pdsn_cli.align.batch_align import DETECTED, UNREADABLE, BatchAligner
 from pdsn_cli.align.templates import align_with_points, get_template
 from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps
 from pdsn_cli.data.chips_h5 import ALIGNED_DETECTED, ALIGNED_FALLBACK, ALIGNED_KNOWN, Chips, ChipsWriter
@@ -114,6 +116,9 @@ def _init_pool_worker(max_centre_offset: float | None = None) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the pool and keeps what it received; a worker
     # dying of KeyboardInterrupt instead would leave its task unanswered and the parent waiting forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the ported CNN detector runs in torch: one thread per worker process (the workers are the parallelism;
+    # OpenMP threads of several workers on the same cores stall each other)
+    torch.set_num_threads(1)
     _init_worker(max_centre_offset)
 
 
@@ -140,11 +145,13 @@ def _align_file(args):
 # ---- the cache ---------------------------------------------------------------------------------------------
 class ChipCache:
     def __init__(self, data_root: Path, template: str, cache_dir: Path | None = None,
-                 centred: float | None = None, landmarks: int = 5):
+                 centred: float | None = None, landmarks: int = 5, align_device=None):
         """``centred``: the subject is centred by construction (LFW): faces farther than this fraction of the
         shorter side from the centre are not taken (see ``FaceAligner``); such chips are cached apart.
         ``landmarks=68``: dlib templates are fitted on the 68-point model's landmarks (dlib's original chip for
-        its ResNet descriptor) instead of the 5-point model's; cached apart too."""
+        its ResNet descriptor) instead of the 5-point model's; cached apart too. ``align_device`` (a torch device, e.g. ``cuda:0``): photos
+        are aligned there in batches (``align.batch_align``) when the face detector is the ported CNN (dlib's HOG
+        runs on the CPU only)."""
         if landmarks not in (5, 68):
             raise BadInputError(f"--landmarks must be 5 or 68, got {landmarks}")
         self.root = Path(data_root).resolve()
@@ -157,6 +164,8 @@ class ChipCache:
             name += "-lm68"
         #: which detector finds the faces (``--face-detector``): chips of another detector are cached apart
         self.face_detector = resolve_face_detector()
+        self.align_device = align_device if self.face_detector == "cnn" else None
+        self._device_declined = align_device is not None and self.align_device is None
         if self.face_detector != "dlib-hog":
             name += f"-{self.face_detector}"
         self.dir = (cache_dir or default_cache_dir()) / "chips" / f"{self.root.name}-{key}" / name
@@ -229,13 +238,18 @@ class ChipCache:
             progress(rep.from_cache + len(rep.skipped), len(items))
         if not todo:
             return rep
+        if self._device_declined:
+            rep.warnings.append(f"--gpu: the {self.face_detector} detector runs on the CPU; "
+                                "`pdsn --face-detector cnn …` aligns on the GPU")
         token = f"{os.getpid()}-{secrets.token_hex(4)}"  # this run's shards never collide with another run's
         shard_no = 0
         ident = {it.path: it.identity for it in items}
         jobs = [(str(self.root), it.path, self.template.name, it.file or it.path, self.landmarks, given[it.path])
                 for it in todo]
         pool = None
-        if workers > 1:
+        if self.align_device is not None:
+            results = self._aligned_on_device(jobs)
+        elif workers > 1:
             pool = mp.get_context("spawn").Pool(workers, initializer=_init_pool_worker, initargs=(self.centred,))
             results = pool.imap(_align_file, jobs, chunksize=8)
         else:
@@ -280,6 +294,24 @@ class ChipCache:
                 pool.terminate()
         flush()
         return rep
+
+    def _aligned_on_device(self, jobs, batch: int = 256):
+        """``_align_file``'s results, the detected photos aligned in batches on ``align_device``; photos with the
+        dataset's own landmarks go the per-photo way (no detection to batch)."""
+        _init_worker(self.centred)
+        aligner = BatchAligner(self.align_device, self.template.name, self.landmarks, max_centre_offset=self.centred)
+        detect = [j for j in jobs if j[5] is None]
+        yield from map(_align_file, (j for j in jobs if j[5] is not None))
+        for a in range(0, len(detect), batch):
+            chunk = detect[a:a + batch]
+            out = aligner.align_files([Path(root) / disk for root, _, _, disk, _, _ in chunk])
+            chips = out.chips.cpu().numpy()
+            for i, job in enumerate(chunk):
+                if out.status[i] == UNREADABLE:
+                    yield job[1], None, out.reasons[i]
+                else:
+                    how = ALIGNED_DETECTED if out.status[i] == DETECTED else ALIGNED_FALLBACK
+                    yield job[1], (chips[i], out.landmarks[i], how, out.faces[i]), None
 
     def _write_shard(self, name: str, buf, ident, stamps) -> None:
         h, w = self.template.size
@@ -410,6 +442,7 @@ def load_chips(
     workers: int = 1,
     cache_dir: Path | None = None,
     progress=None,
+    align_device=None,
 ) -> tuple[Chips, AlignReport]:
     get_template(template)
     if limit is not None and limit <= 0:
@@ -424,7 +457,7 @@ def load_chips(
     items = select_items(items, limit, seed)
     if not items:
         raise BadInputError(f"no images found under {spec.root}" + (" for the given identities" if identities else ""))
-    chips, rep = ChipCache(spec.root, template, cache_dir).ensure_and_load(
+    chips, rep = ChipCache(spec.root, template, cache_dir, align_device=align_device).ensure_and_load(
         items, skipped, workers, progress, what=f"the {len(items)} images under {spec.root}")
     rep.warnings += missing_identities_warning(identities, found)
     return chips, rep
@@ -463,10 +496,11 @@ def _synthetic_chips(spec: DataSpec, template, identities, limit, seed, progress
 
 
 def export_chips(spec: DataSpec, template: str, out: Path, identities=None, limit=None, seed=0, workers=1,
-                 progress=None) -> dict:
+                 progress=None, align_device=None) -> dict:
     """Write the aligned chips of a dataset to one chips HDF5 file (atomically)."""
     check_writable(out)
-    chips, rep = load_chips(spec, template, identities, limit, seed, workers, progress=progress)
+    chips, rep = load_chips(spec, template, identities, limit, seed, workers, progress=progress,
+                            align_device=align_device)
     with atomic_output(out) as tmp:
         with open_for_writing(tmp) as f:
             wr = ChipsWriter(f, template, chips.image.shape[1:3], spec.describe(), spec.synthetic)

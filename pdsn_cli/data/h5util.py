@@ -18,8 +18,9 @@ from pdsn_cli.errors import SchemaError
 STR = h5py.string_dtype("utf-8")
 
 
-def open_checked(path: str | os.PathLike, kind: str, schema: int, mode: str = "r") -> h5py.File:
-    """Open an HDF5 file the toolkit wrote and check what it is; refuse anything else with one line."""
+def open_checked(path: str | os.PathLike, kind: str, schema: int | tuple[int, ...], mode: str = "r") -> h5py.File:
+    """Open an HDF5 file the toolkit wrote and check what it is (``schema``: the one, or the several, this version
+    reads); refuse anything else with one line."""
     path = Path(path)
     if not path.is_file():
         raise SchemaError(f"no such file: {path}")
@@ -32,9 +33,11 @@ def open_checked(path: str | os.PathLike, kind: str, schema: int, mode: str = "r
     if got_kind != kind:
         f.close()
         raise SchemaError(f"{path} is not a pdsn {kind} file (pdsn_kind={got_kind!r})")
-    if got_schema is None or int(got_schema) != schema:
+    schemas = (schema,) if isinstance(schema, int) else tuple(schema)
+    if got_schema is None or int(got_schema) not in schemas:
         f.close()
-        raise SchemaError(f"{path} has {kind} schema {got_schema}, this version reads schema {schema}")
+        which = f"schema {schemas[0]}" if len(schemas) == 1 else "schemas " + " and ".join(map(str, schemas))
+        raise SchemaError(f"{path} has {kind} schema {got_schema}, this version reads {which}")
     return f
 
 

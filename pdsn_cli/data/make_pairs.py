@@ -3,6 +3,11 @@
 Work is cut into chunks of rows; each row's occluder is drawn by the one seeding rule of
 ``pdsn_cli.occlusion.driver``, from (seed, variant, image · per_image + repeat), so the output does not depend on the number of workers, and an interrupted run resumed with ``--resume`` (or a file
 grown with ``--append``) holds exactly the rows a single uninterrupted run would have written.
+
+The file (``pdsn_cli.data.pairs_h5``, schema 2) stores each clean chip once and, per row, the chip's index and
+that draw key (occluder asked for, seed, n, target block) with the CRC-32 of the occluded chip drawn here: readers
+regenerate the occluded chip bit for bit instead of storing it (``--store-occluded`` stores it too, as schema 1
+did for every row).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pdsn_cli.atomic import atomic_output, check_resumable, check_writable, inte
 from pdsn_cli.data.chip_cache import DataSpec, load_chips
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.data.faces import read_identity_list
-from pdsn_cli.data.h5util import open_for_writing
+from pdsn_cli.data.h5util import open_for_writing, read_strings
 from pdsn_cli.align.templates import get_template
 from pdsn_cli.occlusion.driver import OcclusionVariant, draw
 from pdsn_cli.occlusion.occluders import OCCLUDERS
@@ -47,6 +52,8 @@ class MakePairsConfig:
     append: bool = False
     resume: bool = False
     cache_dir: Path | None = None
+    #: also store every occluded chip and its pixel mask (readers then read them instead of drawing them again)
+    store_occluded: bool = False
 
 
 def parse_blocks(block: str | None, grid: int) -> list[int] | None:
@@ -95,9 +102,15 @@ def validate(cfg: MakePairsConfig) -> list[tuple[str, int]]:
         raise BadInputError(f"--append: {cfg.out} does not exist")
     if cfg.append:
         with pairs_h5.open_pairs(cfg.out) as f:
-            pairs_h5.check_compatible(f, cfg.out, grid=cfg.grid, template=cfg.template, height=t.size[0],
-                                      width=t.size[1])
+            _check_append(f, cfg.out, cfg, t.size[0], t.size[1])
     return specs
+
+
+def _check_append(f, path, cfg: MakePairsConfig, h: int, w: int) -> None:
+    pairs_h5.check_compatible(f, path, grid=cfg.grid, template=cfg.template, height=h, width=w)
+    if ("occluded" in f) != cfg.store_occluded:
+        raise SchemaError(f"{path} {'stores' if 'occluded' in f else 'does not store'} its occluded chips: "
+                          f"{'add' if 'occluded' in f else 'drop'} --store-occluded to add rows to it")
 
 
 # ---- workers: chips are shared by fork (no torch here, so forking is safe) -----------------------------------
@@ -105,12 +118,15 @@ _CHIPS = None
 
 
 def _occlude_rows(args):
-    rows, seed, grid = args
+    """(image, n, kind asked, block, occluded chip or None, pixel mask or None, blocks, kind drawn, CRC-32) per row;
+    the chips travel back only when they are stored (``images``) — the file keeps their draw key instead."""
+    rows, seed, grid, images = args
     out = []
     for img_i, n, kind, j in rows:  # n: the row's index among the variant's rows (image · per_image + repeat)
         occ = draw(_CHIPS.image[img_i], _CHIPS.landmarks[img_i], OcclusionVariant(kind, None if j < 0 else j),
                    seed, n, grid)
-        out.append((img_i, occ.image, occ.mask, occ.blocks, occ.kind, j))
+        out.append((img_i, n, kind, j, occ.image if images else None, occ.mask if images else None, occ.blocks,
+                    occ.kind, pairs_h5.occluded_checksum(occ.image)))
     return out
 
 
@@ -138,7 +154,7 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
         start = _resume_point(tmp, cfg, attrs, h, w)
     elif cfg.append:
         with pairs_h5.open_pairs(cfg.out) as f:
-            pairs_h5.check_compatible(f, cfg.out, grid=cfg.grid, template=cfg.template, height=h, width=w)
+            _check_append(f, cfg.out, cfg, h, w)
         shutil.copyfile(cfg.out, tmp)
         with h5py.File(tmp, "r+") as f:
             f.attrs["complete"] = False
@@ -147,10 +163,15 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
     # an interrupted append is dropped whole (the original file was never touched): rerunning it is the resume
     with atomic_output(cfg.out, keep_partial_on_interrupt=not cfg.append) as tmp_out:
         assert tmp_out == tmp
-        if start == 0 and not cfg.append:
+        if start == 0 and not cfg.append and not (cfg.resume and tmp.exists()):
             with open_for_writing(tmp) as f:
-                pairs_h5.create(f, grid=cfg.grid, template=cfg.template, size=(h, w), **attrs)
-        chunks = [(jobs[a:a + CHUNK], cfg.seed, cfg.grid) for a in range(start, len(jobs), CHUNK)]
+                pairs_h5.create(f, grid=cfg.grid, template=cfg.template, size=(h, w),
+                                store_occluded=cfg.store_occluded, **attrs)
+        with interrupt_between_steps() as check_interrupt, open_for_writing(tmp, "r+") as f:
+            chip_of = _write_chips(f, chips, dedup=cfg.append, check_interrupt=check_interrupt)
+        # the first chunk's chips come back for the preview sheet, stored or not
+        chunks = [(jobs[a:a + CHUNK], cfg.seed, cfg.grid, cfg.store_occluded or a == start)
+                  for a in range(start, len(jobs), CHUNK)]
         pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 and len(chunks) > 1 else None
         results = pool.imap(_occlude_rows, chunks) if pool else map(_occlude_rows, chunks)
         done = start
@@ -158,24 +179,24 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
         try:
             with interrupt_between_steps() as check_interrupt, open_for_writing(tmp, "r+") as f:
                 for res in results:
-                    idx = [r[0] for r in res]
-                    pairs_h5.append(
-                        f, clean=chips.image[idx], occluded=np.stack([r[1] for r in res]),
-                        mask=np.stack([r[2] for r in res]), blocks=np.stack([r[3] for r in res]),
-                        landmarks=chips.landmarks[idx], identities=[chips.identity[chips.label[i]] for i in idx],
-                        sources=[chips.source[i] for i in idx], kinds=[r[4] for r in res],
-                        targets=[r[5] for r in res],
+                    pairs_h5.append_drawn(
+                        f, chip=chip_of[[r[0] for r in res]], occluders=[r[2] for r in res],
+                        seeds=np.full(len(res), cfg.seed), draws=[r[1] for r in res], targets=[r[3] for r in res],
+                        kinds=[r[7] for r in res], blocks=np.stack([r[6] for r in res]),
+                        checksums=[r[8] for r in res],
+                        occluded=np.stack([r[4] for r in res]) if cfg.store_occluded else None,
+                        mask=np.stack([r[5] for r in res]) if cfg.store_occluded else None,
                     )
                     f.flush()
-                    kinds.update(r[4] for r in res)
+                    kinds.update(r[7] for r in res)
                     if len(preview) < 32:
-                        preview += [(chips.image[r[0]], r[1], r[4]) for r in res[: 32 - len(preview)]]
+                        preview += [(chips.image[r[0]], r[4], r[7]) for r in res[: 32 - len(preview)]]
                     done += len(res)
                     if progress:
                         progress(done, len(jobs))
                     check_interrupt()
                 f.attrs["complete"] = True
-                n_total = int(f["label"].shape[0])
+                n_total = int(f["chip"].shape[0])
                 n_ids = int(f["identity"].shape[0])
                 mean_occ = float(f["blocks"][start:].mean() * cfg.grid**2) if done > start else 0.0
         finally:
@@ -202,7 +223,32 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
         "align_seconds": round(t_align, 3),
         "pair_seconds": round(secs, 3),
         "pairs_per_second": round((done - start) / secs, 1) if secs > 0 else None,
+        "store_occluded": cfg.store_occluded,
+        "file_bytes": cfg.out.stat().st_size,
     }, figures={"pairs": preview})  # the first (clean, occluded, kind) triples, for a --preview sheet
+
+
+def _write_chips(f, chips, dedup: bool, check_interrupt=None) -> np.ndarray:
+    """Store the run's clean chips (once each) before any row names them; returns image → row of ``chips``.
+
+    A new file gets them in image order; a resumed one keeps those already written (they must be the same
+    images: the rows written name them); an appended one reuses a chip already there (same source, same pixels)."""
+    n = len(chips)
+    if dedup:
+        return pairs_h5.add_chips(f, chips.image, chips.landmarks, [chips.identity[k] for k in chips.label],
+                                  chips.source, dedup=True)
+    have = read_strings(f["chip_source"])
+    if have != list(chips.source[:len(have)]):
+        raise SchemaError(f"{f.filename} holds the chips of other images than this run's (the data changed since "
+                          f"it started); delete it and start again")
+    for a in range(len(have), n, CHUNK):  # in chunks: an interrupted run resumes from the chips it wrote
+        b = min(n, a + CHUNK)
+        pairs_h5.add_chips(f, chips.image[a:b], chips.landmarks[a:b],
+                           [chips.identity[k] for k in chips.label[a:b]], chips.source[a:b], dedup=False)
+        f.flush()
+        if check_interrupt:
+            check_interrupt()
+    return np.arange(n)
 
 
 def _resume_point(tmp: Path, cfg: MakePairsConfig, attrs: dict, h: int, w: int) -> int:
@@ -214,12 +260,15 @@ def _resume_point(tmp: Path, cfg: MakePairsConfig, attrs: dict, h: int, w: int) 
         if f.attrs.get("pdsn_kind") != pairs_h5.KIND:
             raise SchemaError(f"{tmp} is not a pdsn pairs file; delete it and start again")
         pairs_h5.check_compatible(f, tmp, grid=cfg.grid, template=cfg.template, height=h, width=w)
+        if ("occluded" in f) != cfg.store_occluded:
+            raise SchemaError(f"{tmp} was started {'with' if 'occluded' in f else 'without'} --store-occluded; "
+                              f"use the same options to resume, or delete it")
         for k in ("occluder", "seed", "per_image", "block_spec"):
             if f.attrs.get(k) != attrs[k]:
                 raise SchemaError(f"{tmp} was started with {k}={f.attrs.get(k)!r}, now {attrs[k]!r}; "
                                   f"use the same options to resume, or delete it")
         # rows are written whole chunks at a time, but a kill can land between datasets: keep what all agree on
-        names = ["clean", "occluded", "mask", "blocks", "landmarks", "label", "source", "kind", "target"]
+        names = [d for d in pairs_h5.ROW_DATASETS + ("occluded", "mask") if d in f]
         n = min(f[d].shape[0] for d in names)
         n -= n % CHUNK
         for d in names:

@@ -12,6 +12,7 @@ once, so the trunk never runs inside the training loop (``pdsn_cli.train.loop``:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -77,30 +78,37 @@ class PairFeatures:
 
 
 def pair_features(trunk, pairs_path: Path, point: str, device, progress=None, rows=None,
-                  precision: str = "bf16") -> PairFeatures:
-    """Trunk features of the pairs in ``rows``. On CUDA they stay in GPU memory when they fit (bf16 with
-    ``precision="bf16"``), so training never copies features between host and device."""
-    p = pairs_h5.read_pairs(pairs_path, select=rows, masks=False)
-    if p.attrs["template"] != trunk.template:
-        raise SchemaError(f"{pairs_path} was made for template {p.attrs['template']}, trunk {trunk.name} needs "
-                          f"{trunk.template} (make-pairs --template {trunk.template})")
-    first: dict[str, int] = {}
-    clean_index = np.empty(len(p), np.int64)
-    for i, s in enumerate(p.source):
-        clean_index[i] = first.setdefault(s, len(first))
-    uniq = np.array(sorted(first.values()))
-    rows_of_uniq = np.empty(len(first), np.int64)
-    for i, s in enumerate(p.source):
-        rows_of_uniq[first[s]] = i
-    total = len(uniq) + len(p)
-    dtype = torch.bfloat16 if use_bf16(device, precision) else torch.float32
-    on_device = device.type == "cuda" and _fits_on_device(total * int(np.prod(trunk.feature_shape(point))) * dtype.itemsize, device)
-    kw = dict(device=device, precision=precision, on_device=on_device, dtype=dtype, batch_size=256 if on_device else 64)
-    cb = (lambda d, n: progress(d, total)) if progress else None
-    fc = extract_features(trunk, p.clean[rows_of_uniq], point, progress=cb, **kw)
-    cb2 = (lambda d, n: progress(len(uniq) + d, total)) if progress else None
-    fo = extract_features(trunk, p.occluded, point, progress=cb2, **kw)
-    return PairFeatures(fc, fo, clean_index, p.label.astype(np.int64), p.target.astype(np.int64), len(p.identity))
+                  precision: str = "bf16", alloc=None) -> PairFeatures:
+    """Trunk features of the pairs in ``rows`` (all when None; sorted). Chips are read (clean ones once per chip)
+    and occluded ones regenerated batch by batch, so memory holds one batch of chips and the features. On CUDA
+    they stay in GPU memory when they fit (bf16 with ``precision="bf16"``), so training never copies features
+    between host and device. ``alloc(what, shape)``: where the features of the ``"clean"`` and ``"occluded"`` chips
+    go on the host (memory-mapped files; default new arrays)."""
+    with pairs_h5.PairsFile(pairs_path) as pf:
+        if pf.attrs["template"] != trunk.template:
+            raise SchemaError(f"{pairs_path} was made for template {pf.attrs['template']}, trunk {trunk.name} needs "
+                              f"{trunk.template} (make-pairs --template {trunk.template})")
+        rows = np.arange(pf.n) if rows is None else np.sort(np.asarray(rows, np.int64))
+        # clean chips once each, in the order the rows first name them
+        chip_vals, first_pos, inv = np.unique(pf.chip_index[rows], return_index=True, return_inverse=True)
+        order = np.argsort(first_pos, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        clean_index = rank[inv.reshape(-1)].astype(np.int64)
+        total = len(chip_vals) + len(rows)
+        dtype = torch.bfloat16 if use_bf16(device, precision) else torch.float32
+        on_device = device.type == "cuda" and _fits_on_device(total * int(np.prod(trunk.feature_shape(point))) * dtype.itemsize, device)
+        kw = dict(device=device, precision=precision, on_device=on_device, dtype=dtype, batch_size=256 if on_device else 64)
+        cb = (lambda d, n: progress(d, total)) if progress else None
+        shape = tuple(trunk.feature_shape(point))
+        out = alloc("clean", (len(chip_vals), *shape)) if alloc is not None and not on_device else None
+        fc = extract_features(trunk, pairs_h5.LazyRows(pf, chip_vals[order], "chips"), point, progress=cb, out=out,
+                              **kw)
+        cb2 = (lambda d, n: progress(len(chip_vals) + d, total)) if progress else None
+        out = alloc("occluded", (len(rows), *shape)) if alloc is not None and not on_device else None
+        fo = extract_features(trunk, pairs_h5.LazyRows(pf, rows, "occluded"), point, progress=cb2, out=out, **kw)
+        return PairFeatures(fc, fo, clean_index, pf.label[rows].astype(np.int64), pf.target[rows].astype(np.int64),
+                            len(pf.identity))
 
 
 def _fits_on_device(nbytes: int, device) -> bool:
@@ -110,30 +118,49 @@ def _fits_on_device(nbytes: int, device) -> bool:
 
 def cached_pair_features(trunk, weights, pairs_path: Path, point: str, device, rows, progress=None,
                          precision: str = "bf16") -> PairFeatures:
-    """pair_features, memoised on disk (npz in the cache folder) by pairs file identity, trunk, weights and rows:
-    the trunk runs once per pairs file however many times the generators are retrained."""
+    """pair_features, memoised on disk in the cache folder by pairs file identity, trunk, weights and rows: the
+    trunk runs once per pairs file however many times the generators are retrained (``finetune`` reuses them).
+    The features (float32 C×H×W a chip, 32 KB at dlib-resnet's level2) of the occluded chips and of the clean ones
+    are ``.npy`` files that are memory-mapped, not loaded: pages are read as training gathers its batches; the
+    indices are a small ``.npz`` written last, whose presence marks the entry complete."""
     if (weights is None and trunk.name != "dlib-resnet") or device.type == "cuda":
         # a random init: nothing worth reusing; CUDA: features live in GPU memory, recomputing beats a disk round trip
         return pair_features(trunk, pairs_path, point, device, progress, rows, precision)
     st = Path(pairs_path).stat()
     wst = Path(weights).stat() if weights is not None else None
-    key = hashlib.sha1(repr(("v2", str(Path(pairs_path).resolve()), st.st_size, st.st_mtime_ns, trunk.name, str(weights),
+    key = hashlib.sha1(repr(("v3", str(Path(pairs_path).resolve()), st.st_size, st.st_mtime_ns, trunk.name, str(weights),
                              wst and (wst.st_size, wst.st_mtime_ns), point, np.asarray(rows).tobytes())
                             ).encode()).hexdigest()[:16]
-    path = default_cache_dir() / "features" / f"{Path(pairs_path).stem}-{trunk.name}-{point}-{key}.npz"
-    if path.exists():
+    base = default_cache_dir() / "features" / f"{Path(pairs_path).stem}-{trunk.name}-{point}-{key}"
+    meta = Path(f"{base}.npz")
+    big = {w: Path(f"{base}.{w}.npy") for w in ("clean", "occluded")}
+    if meta.exists() and all(p.exists() for p in big.values()):
         try:
-            z = np.load(path)
-            return PairFeatures(z["clean"], z["occluded"], z["clean_index"], z["label"], z["target"],
-                                int(z["num_classes"]))
+            z = np.load(meta)
+            # copy-on-write: writable for torch, pages shared with the page cache (never written back)
+            fc, fo = (np.load(big[w], mmap_mode="c") for w in ("clean", "occluded"))
+            if len(fo) == len(z["target"]) and len(fc) == int(z["clean_index"].max(initial=-1)) + 1:
+                return PairFeatures(fc, fo, z["clean_index"], z["label"], z["target"], int(z["num_classes"]))
         except Exception:  # a damaged cache entry is recomputed
             pass
-    feats = pair_features(trunk, pairs_path, point, device, progress, rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, shared=True) as tmp:  # a cache entry: concurrent runs may write it too
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:  # a cache entry: concurrent runs may write it too, each to its temp names
+        tmps = {w: stack.enter_context(atomic_output(p, shared=True)) for w, p in big.items()}
+        maps = []
+
+        def alloc(what, shape):
+            maps.append(np.lib.format.open_memmap(tmps[what], mode="w+", dtype=np.float32, shape=shape))
+            return maps[-1]
+        feats = pair_features(trunk, pairs_path, point, device, progress, rows, alloc=alloc)
+        for m in maps:
+            m.flush()
+        maps.clear()
+        del feats.clean, feats.occluded  # unmapped: the finished files are mapped again below, copy-on-write
+    with atomic_output(meta, shared=True) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, clean=feats.clean, occluded=feats.occluded, clean_index=feats.clean_index,
-                     label=feats.label, target=feats.target, num_classes=feats.num_classes)
+            np.savez(fh, label=feats.label, target=feats.target, clean_index=feats.clean_index,
+                     num_classes=feats.num_classes)
+    feats.clean, feats.occluded = (np.load(big[w], mmap_mode="c") for w in ("clean", "occluded"))
     return feats
 
 
@@ -232,10 +259,10 @@ def _train_blocks(cfg: TrainBlockConfig, procs: Processes, progress, log) -> dic
     check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr)
     if cfg.optimizer not in ("sgd", "adam"):
         raise BadInputError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
-    with pairs_h5.open_pairs(cfg.pairs) as f:
-        grid = int(f.attrs["grid"])
-        targets = f["target"][()]
-        sources = f["source"][()] if procs.distributed else None
+    with pairs_h5.PairsFile(cfg.pairs) as pf:
+        grid = pf.grid
+        targets = pf.target
+        sources = np.array(pf.source, dtype=object) if procs.distributed else None
     blocks = parse_blocks(cfg.block, grid)
     missing = [j for j in blocks if not (targets == j).any()]
     if missing:

@@ -27,7 +27,6 @@ from torch import nn
 
 from pdsn_cli.atomic import check_resumable, check_writable
 from pdsn_cli.data import pairs_h5
-from pdsn_cli.data.h5util import read_strings
 from pdsn_cli.device import seed_everything
 from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
 from pdsn_cli.pdsn.detector import DetectorNet, OcclusionDetector, resize_chips, to_tensor
@@ -94,9 +93,9 @@ def pairs_layout(paths: list[Path]) -> list[tuple[Path, int, str, tuple[int, int
     """(path, grid, template, chip size, rows) of each pairs file; refuses files of different layouts."""
     metas = []
     for p in paths:
-        with pairs_h5.open_pairs(p) as f:
-            metas.append((Path(p), int(f.attrs["grid"]), str(f.attrs["template"]),
-                          (int(f.attrs["height"]), int(f.attrs["width"])), int(f["label"].shape[0])))
+        with pairs_h5.PairsFile(p) as pf:
+            metas.append((Path(p), pf.grid, str(pf.attrs["template"]),
+                          (int(pf.attrs["height"]), int(pf.attrs["width"])), pf.n))
     p0, grid, template, chip_size, _ = metas[0]
     for p, g, t, s, _ in metas[1:]:
         if (g, t, s) != (grid, template, chip_size):
@@ -108,7 +107,8 @@ def pairs_layout(paths: list[Path]) -> list[tuple[Path, int, str, tuple[int, int
 
 
 def read_detector_data(paths: list[Path], input_size: tuple[int, int], progress=None) -> DetectorData:
-    """Both halves of every pair, resized; each source image's clean chip once per file."""
+    """Both halves of every pair, resized; each source image's clean chip once per file. Chips are read (occluded
+    ones regenerated, ``pairs_h5``) ``READ_CHUNK`` rows at a time: memory holds the resized set and one chunk."""
     metas = pairs_layout(paths)
     _, grid, template, chip_size, _ = metas[0]
     total_rows = sum(m[4] for m in metas)
@@ -118,14 +118,13 @@ def read_detector_data(paths: list[Path], input_size: tuple[int, int], progress=
     done = 0
     for p, *_, n in metas:
         seen: set[str] = set()
-        with pairs_h5.open_pairs(p) as f:
-            src_all = read_strings(f["source"])
-            kind_all = read_strings(f["kind"])
+        with pairs_h5.PairsFile(p) as pf:
+            src_all, kind_all = pf.source, pf.kind
             for a in range(0, n, READ_CHUNK):
                 b = min(n, a + READ_CHUNK)
-                occluded, clean_rows = f["occluded"][a:b], f["clean"][a:b]  # slices: h5py fancy indexing is slow
-                images.append(resize_chips(occluded, input_size))
-                blocks.append(f["blocks"][a:b].astype(np.float32))
+                rows = np.arange(a, b)
+                images.append(resize_chips(pf.occluded(rows)[0], input_size))
+                blocks.append(pf.blocks(rows).astype(np.float32))
                 clean.append(np.zeros(b - a, bool))
                 kinds += kind_all[a:b]
                 sources += src_all[a:b]
@@ -133,7 +132,7 @@ def read_detector_data(paths: list[Path], input_size: tuple[int, int], progress=
                 # equally weighted and the clean false-positive rate counted per image
                 first = [i for i in range(a, b) if not (src_all[i] in seen or seen.add(src_all[i]))]
                 if first:
-                    images.append(resize_chips(clean_rows[np.array(first) - a], input_size))
+                    images.append(resize_chips(pf.clean(np.array(first)), input_size))
                     blocks.append(np.zeros((len(first), grid, grid), np.float32))
                     clean.append(np.ones(len(first), bool))
                     kinds += ["clean"] * len(first)

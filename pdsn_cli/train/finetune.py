@@ -36,6 +36,7 @@ from pdsn_cli.pdsn import fdm as fdm_mod
 from pdsn_cli.pdsn.embedder import Embedder
 from pdsn_cli.pdsn.mask_generator import cosface_logits
 from pdsn_cli.train.loop import Checkpoints, Processes, Task, steps_per_epoch, train
+from pdsn_cli.train.blocks import cached_pair_features
 from pdsn_cli.train.splits import holdout_identities
 from pdsn_cli.trunks.features import as_tensor
 
@@ -80,26 +81,62 @@ def head_parameters(trunk, point: str) -> dict[str, torch.nn.Parameter]:
 
 
 def _pairs_features(embedder: Embedder, cfg, progress=None):
-    """Features of the clean and occluded chips of every pairs file, and the FDM of each pair's occluded blocks."""
-    trunk = embedder.trunk
-    fc, fo, masks, names = [], [], [], []
+    """Per row of every pairs file (``max_pairs`` seeded samples): the occluded chips' features (one host array or
+    memory-mapped file per pairs file: train-block's feature cache, which a pipeline has already filled for the block
+    pairs), each source's clean features once with the row → clean row index, the FDM of the row's occluded blocks
+    as a row → mask index into a table of the distinct masks, and the identity names. Chips are streamed (occluded
+    ones regenerated), never all held in memory."""
+    trunk, point = embedder.trunk, embedder.point
+    fos, fcs, cidx, occluded, names = [], [], [], [], []
+    offset = 0
     for path in cfg.pairs:
-        p = pairs_h5.read_pairs(path, masks=False)
-        if p.attrs["template"] != trunk.template:
-            raise SchemaError(f"{path} holds {p.attrs['template']} chips, trunk {trunk.name} needs {trunk.template}")
-        if int(p.attrs["grid"]) != embedder.grid:
-            raise SchemaError(f"{path} marks occlusions on a {p.attrs['grid']}-grid, the dictionary has {embedder.grid}")
-        sel = np.arange(len(p))
-        if cfg.max_pairs is not None and len(p) > cfg.max_pairs:
-            sel = np.sort(np.random.default_rng(cfg.seed).permutation(len(p))[:cfg.max_pairs])
-        cb = (lambda d, n, name=path.name: progress(f"features {name}", d, 2 * n)) if progress else None
-        fo.append(embedder.features([p.occluded[sel]], progress=cb))
-        cb2 = (lambda d, n, name=path.name: progress(f"features {name}", n + d, 2 * n)) if progress else None
-        fc.append(embedder.features([p.clean[sel]], progress=cb2))
-        m, _ = embedder.masks(embedder.occluded_blocks(p.occluded[sel], p.blocks[sel]))
-        masks.append(m)
-        names += [p.identity[k] for k in p.label[sel]]
-    return np.concatenate(fc), np.concatenate(fo), np.concatenate(masks), names
+        with pairs_h5.PairsFile(path) as pf:
+            if pf.attrs["template"] != trunk.template:
+                raise SchemaError(f"{path} holds {pf.attrs['template']} chips, trunk {trunk.name} needs {trunk.template}")
+            if pf.grid != embedder.grid:
+                raise SchemaError(f"{path} marks occlusions on a {pf.grid}-grid, the dictionary has {embedder.grid}")
+            sel = np.arange(pf.n)
+            if cfg.max_pairs is not None and pf.n > cfg.max_pairs:
+                sel = np.sort(np.random.default_rng(cfg.seed).permutation(pf.n)[:cfg.max_pairs])
+            occupancy = pf.blocks(sel)
+            names += [pf.identity[k] for k in pf.label[sel]]
+        cb = (lambda d, n, name=path.name: progress(f"features {name}", d, n)) if progress else None
+        feats = cached_pair_features(trunk, cfg.weights, path, point, embedder.device, sel, cb, embedder.precision)
+        fos.append(feats.occluded)
+        fcs.append(feats.clean)
+        cidx.append(feats.clean_index + offset)
+        offset += len(feats.clean)
+        # finetune's embedder has no detector: the blocks PDSN treats as occluded are the known ones (oracle)
+        occluded.append(embedder.occluded_blocks(None, occupancy).reshape(len(sel), -1))
+    patterns, mask_index = np.unique(np.concatenate(occluded), axis=0, return_inverse=True)
+    mask_table, _ = embedder.masks(patterns)
+    fc = np.concatenate([f.cpu().float().numpy() if isinstance(f, torch.Tensor) else f for f in fcs])
+    return fc, np.concatenate(cidx), fos, mask_table, mask_index.reshape(-1), names
+
+
+class _RowStack:
+    """The rows of several feature arrays (memory-mapped files, host arrays or device tensors) indexed as one, so
+    that the pairs files' features are never concatenated into one copy in memory."""
+
+    def __init__(self, parts, device):
+        self.parts = [as_tensor(p, device) for p in parts]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.device = device
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx, device=self.device)
+        if len(self.parts) == 1:
+            return self.parts[0][idx].float()
+        p0 = self.parts[0]
+        out = torch.empty((len(idx), *p0.shape[1:]), dtype=torch.float32, device=self.device)
+        for p, a, b in zip(self.parts, self.starts[:-1], self.starts[1:]):
+            at = ((idx >= int(a)) & (idx < int(b))).nonzero().squeeze(1)
+            if len(at):
+                out[at] = p[idx[at] - int(a)].float()
+        return out
 
 
 class _StudentHead(nn.Module):
@@ -121,7 +158,9 @@ class _FinetuneTask(Task):
     def __init__(self, cfg: FinetuneConfig, student, point: str, trained: dict, tensors, label, centres,
                  tr: np.ndarray, ho: np.ndarray, procs: Processes, log):
         self.cfg, self.student, self.point, self.trained, self.procs, self.log = cfg, student, point, trained, procs, log
-        self.FC, self.FO, self.M, self.T = tensors
+        # clean features once per source (FC, indexed by CI), occluded ones per row (FO), the distinct FDMs (M,
+        # indexed by MI), the teacher's clean embedding of each source (T, indexed by CI as FC is)
+        self.FC, self.CI, self.FO, self.M, self.MI, self.T = tensors
         self.label, self.centres, self.tr, self.ho = label, centres, tr, ho
         self.model, self.modules = _StudentHead(student, point), {"student": student}
         self.epochs, self.steps_per_epoch = cfg.epochs, steps_per_epoch(len(tr), cfg.batch_size, procs.world)
@@ -132,9 +171,11 @@ class _FinetuneTask(Task):
     def distances(self, idx, with_identity: bool = False, model=None) -> torch.Tensor:
         """1 − cos to the clean embedding of: masked occluded, masked clean, unmasked clean (each a mean); with
         ``with_identity`` also the CosFace loss of the two masked embeddings among the training identities."""
-        m, t = self.M[idx], self.T[idx]
+        idx = torch.as_tensor(idx, device=self.T.device)
+        ci = self.CI[idx]
+        m, t, fc = self.M[self.MI[idx]], self.T[ci], self.FC[ci]
         model = model or self.model
-        outs = [F.normalize(e, dim=1) for e in model(self.FO[idx] * m, self.FC[idx] * m, self.FC[idx])]
+        outs = [F.normalize(e, dim=1) for e in model(self.FO[idx] * m, fc * m, fc)]
         d = [(1 - (o * t).sum(1)).mean() for o in outs]
         if with_identity:
             y = self.label[idx]
@@ -209,7 +250,8 @@ def _finetune(cfg: FinetuneConfig, procs: Processes, progress, log) -> dict:
                              block_threshold=cfg.block_threshold)
     trunk, point = embedder.trunk, embedder.point
     torch.manual_seed(cfg.seed)
-    fc, fo, masks, names = _pairs_features(embedder, cfg, progress)
+    fc, clean_index, fos, mask_table, mask_index, names = _pairs_features(embedder, cfg, progress)
+    # the teacher embeds each clean chip once; every row of its source shares it
     teacher = F.normalize(torch.from_numpy(embedder.plain(fc, normalize=False)), dim=1)
     # eval mode: batch-norm statistics stay those of the trunk (masked batches would skew them), dropout off;
     # the BN affine parameters are still trained
@@ -217,8 +259,9 @@ def _finetune(cfg: FinetuneConfig, procs: Processes, progress, log) -> dict:
     trained = head_parameters(student, point)
     for p in trained.values():
         p.requires_grad_(True)
-    FC, FO, M, T = (as_tensor(a, device) for a in (fc, fo, masks, teacher))
-    n = len(FC)
+    FC, CI, M, MI, T = (as_tensor(a, device) for a in (fc, clean_index, mask_table, mask_index, teacher))
+    FO = _RowStack(fos, device)
+    n = len(FO)
     held = holdout_identities(names, cfg.holdout, cfg.seed)
     tr, ho = np.flatnonzero(~held), np.flatnonzero(held)
     if len(tr) == 0:
@@ -227,10 +270,10 @@ def _finetune(cfg: FinetuneConfig, procs: Processes, progress, log) -> dict:
     # classes of the identity term: the training identities, each its normalised mean clean embedding
     ids = {nm: k for k, nm in enumerate(sorted({names[i] for i in tr}))}
     label = torch.tensor([ids.get(nm, -1) for nm in names], device=device)
-    centres = torch.zeros(len(ids), T.shape[1], device=device).index_add_(0, label[tr], T[tr].float())
+    centres = torch.zeros(len(ids), T.shape[1], device=device).index_add_(0, label[tr], T[CI[tr]].float())
     centres = F.normalize(centres, dim=1)
 
-    task = _FinetuneTask(cfg, student, point, trained, (FC, FO, M, T), label, centres, tr, ho, procs, log)
+    task = _FinetuneTask(cfg, student, point, trained, (FC, CI, FO, M, MI, T), label, centres, tr, ho, procs, log)
     before = task.held_out()
     use_id = task.use_id
     ckpt = Path(str(cfg.out) + ".ckpt")

@@ -35,7 +35,6 @@ from pdsn_cli.atomic import check_resumable
 from pdsn_cli.device import seed_everything
 from pdsn_cli.data import pairs_h5
 from pdsn_cli.data.chips_h5 import read_chips
-from pdsn_cli.data.h5util import read_strings
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.train.heads import build_head, head_names
 from pdsn_cli.train.loop import Checkpoints, Processes, StepLR, Task, train
@@ -118,14 +117,13 @@ def read_training_images(path: str | os.PathLike) -> TrainData:
         chips = read_chips(path)
         return TrainData(chips.image, chips.label.astype(np.int64), chips.template, "chips")
     if kind == "pairs":
-        with pairs_h5.open_pairs(path) as f:
+        with pairs_h5.PairsFile(path) as pf:
             # a pairs file repeats each clean chip once per occluded copy; train (and hold out) each once,
             # or held-out "same identity" pairs could be an image against itself
-            _, first = np.unique(np.array(read_strings(f["source"]), dtype=object), return_index=True)
+            _, first = np.unique(np.array(pf.source, dtype=object), return_index=True)
             rows = np.sort(first)
-            return TrainData(
-                f["clean"][rows], f["label"][rows].astype(np.int64), str(f.attrs.get("template", "")), "pairs"
-            )
+            return TrainData(pf.clean(rows), pf.label[rows].astype(np.int64), str(pf.attrs.get("template", "")),
+                             "pairs")
     raise SchemaError(f"{path} is neither a pdsn chips nor a pairs file (pdsn_kind={kind!r})")
 
 

@@ -39,19 +39,25 @@ def fast_forward(trunk: Trunk, device: torch.device, precision: str = "bf16", co
 def extract_features(trunk: Trunk, chips, point: str | None = None, batch_size: int = 64,
                      device: torch.device | None = None, flip: bool = False, progress=None,
                      precision: str = "bf16", compile: str = "auto", on_device: bool = False,
-                     dtype: torch.dtype = torch.float32):
+                     dtype: torch.dtype = torch.float32, out=None):
     """Features at ``point`` for every chip, float32 N×C×H×W (``flip`` → also returns the mirrored chips'
     features stacked as a second array: (N, 2, C, H, W)).
 
     ``chips``: anything sliceable to uint8 N×H×W×3 arrays (numpy, or rows read lazily from HDF5).
     ``on_device``: return a tensor of ``dtype`` that stays on ``device`` (PDSN training keeps its feature cache
-    in GPU memory) instead of a numpy array. bf16 / compile apply on CUDA only (pdsn_cli.accel).
+    in GPU memory) instead of a numpy array. ``out``: a float32 array of the result's shape to fill and return
+    instead (a memory-mapped file: features of more chips than fit in memory). bf16 / compile apply on CUDA only
+    (pdsn_cli.accel).
     """
     device = device or torch.device("cpu")
     point = trunk.check_point(point)
     n = len(chips)
     shape = (n, 2, *trunk.feature_shape(point)) if flip else (n, *trunk.feature_shape(point))
-    out = torch.empty(shape, dtype=dtype, device=device) if on_device else np.empty(shape, np.float32)
+    if out is not None:
+        if on_device or tuple(out.shape) != shape:
+            raise ValueError(f"out must be a host array of shape {shape}")
+    else:
+        out = torch.empty(shape, dtype=dtype, device=device) if on_device else np.empty(shape, np.float32)
     ff = fast_forward(trunk, device, precision, compile, n * (2 if flip else 1), batch_size)
     for a in range(0, n, batch_size):
         x = torch.from_numpy(np.ascontiguousarray(chips[a:a + batch_size])).to(device, non_blocking=True)
