@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 import torch
 
-from pdsn_cli.align.aligner import FaceAligner, models_dir
+from pdsn_cli.align.aligner import FaceAligner
+from pdsn_cli.align.model_files import models_dir
 from pdsn_cli.data.faces import read_image
 
 

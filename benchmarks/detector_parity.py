@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdsn_cli.align.aligner import models_dir  # noqa: E402
+from pdsn_cli.align.model_files import models_dir  # noqa: E402
 from pdsn_cli.align.mmod_detector import MODEL_FILE, MMODFaceDetector  # noqa: E402
 
 IOU = 0.95

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdsn_cli.align.aligner import models_dir  # noqa: E402
+from pdsn_cli.align.model_files import models_dir  # noqa: E402
 from pdsn_cli.align.shape_predictor import ShapePredictor, load_shape_model  # noqa: E402
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"

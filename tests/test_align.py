@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import LFW_DIR, needs_dlib
-from pdsn_cli.align.aligner import FaceAligner, models_dir
+from pdsn_cli.align.aligner import FaceAligner
+from pdsn_cli.align.model_files import models_dir
 from pdsn_cli.align.templates import TEMPLATES, align_with_points, get_template, similarity_transform, transform_points
 from pdsn_cli.data.faces import read_image
 from pdsn_cli.data.synthetic import synthetic_faces

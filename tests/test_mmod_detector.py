@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_dlib
-from pdsn_cli.align.aligner import models_dir
+from pdsn_cli.align.model_files import models_dir
 from pdsn_cli.align.mmod_detector import (
     MODEL_FILE,
     BoxOverlap,

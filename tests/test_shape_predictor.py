@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("face_recognition_model
 
 
 def model_path(points: int) -> str:
-    from pdsn_cli.align.aligner import models_dir
+    from pdsn_cli.align.model_files import models_dir
 
     return os.path.join(models_dir(), f"shape_predictor_{points}_face_landmarks.dat")
 
@@ -85,7 +85,7 @@ def test_truncated_file_is_a_schema_error(tmp_path, cut):
 
 
 def test_other_files_are_schema_errors(tmp_path):
-    from pdsn_cli.align.aligner import models_dir
+    from pdsn_cli.align.model_files import models_dir
 
     junk = tmp_path / "junk.dat"
     junk.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())

