@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdsn_cli.align.model_files import models_dir  # noqa: E402
+from pdsn_cli.align.shape_predictor import shipped_predictor_file  # noqa: E402
 from pdsn_cli.align.shape_predictor import ShapePredictor, load_shape_model  # noqa: E402
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
@@ -134,7 +133,7 @@ def main() -> None:
     report = {"data_dir": str(args.data_dir), "images": len(paths), "images_with_faces": len(items),
               "detect_s": round(t_det, 1), "models": {}}
     for points in (5, 68):
-        path = os.path.join(models_dir(), f"shape_predictor_{points}_face_landmarks.dat")
+        path = shipped_predictor_file(points)
         t = time.perf_counter()
         ref = dlib.shape_predictor(path)
         t_dlib = time.perf_counter() - t

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import cv2
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from conftest import LFW_DIR, needs_dlib
 from pdsn_cli.align.aligner import FaceAligner
-from pdsn_cli.align.model_files import models_dir
+from pdsn_cli.align.shape_predictor import shipped_predictor_file
 from pdsn_cli.align.templates import TEMPLATES, align_with_points, get_template, similarity_transform, transform_points
 from pdsn_cli.data.faces import read_image
 from pdsn_cli.data.synthetic import synthetic_faces
@@ -102,7 +101,7 @@ def test_dlib150_chip_equals_dlib_get_face_chip(points):
     import dlib
 
     detect = dlib.get_frontal_face_detector()
-    sp = dlib.shape_predictor(os.path.join(models_dir(), f"shape_predictor_{points}_face_landmarks.dat"))
+    sp = dlib.shape_predictor(shipped_predictor_file(points))
     compared = 0
     for img in _dlib_photos():
         rects = detect(img, 1)

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("face_recognition_model
 
 
 def model_path(points: int) -> str:
-    from pdsn_cli.align.model_files import models_dir
+    from pdsn_cli.align.shape_predictor import shipped_predictor_file
 
-    return os.path.join(models_dir(), f"shape_predictor_{points}_face_landmarks.dat")
+    return shipped_predictor_file(points)
 
 
 @pytest.fixture(scope="module")

@@ -59,9 +59,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pdsn_cli.align.aligner import CNN_MAX_SIDE, arc5_from_68, centred_points, check_pick, choose_face, downscaled
-from pdsn_cli.align.model_files import models_dir
 from pdsn_cli.align.mmod_detector import MMODFaceDetector
-from pdsn_cli.align.shape_predictor import TorchShapePredictor
+from pdsn_cli.align.shape_predictor import TorchShapePredictor, shipped_predictor_file
 from pdsn_cli.align.templates import chip_transform, get_template, transform_points
 from pdsn_cli.data.faces import MAX_PIXELS, MIN_SIDE, BadImage, decode_bytes, max_decode_bytes, read_image
 from pdsn_cli.errors import BadInputError
@@ -193,10 +192,10 @@ class BatchAligner:
         self.io_workers = io_workers
         self.max_centre_offset, self.pick = max_centre_offset, check_pick(pick)
         self.detector = MMODFaceDetector.from_file(None, self.device)
-        self.sp68 = TorchShapePredictor.from_file(_predictor_path(68), self.device)
+        self.sp68 = TorchShapePredictor.from_file(shipped_predictor_file(68), self.device)
         # the 5-point model matters only for a dlib template fitted on it
         self.fit68 = landmarks == 68 and self.template.dst68 is not None
-        self.sp5 = (TorchShapePredictor.from_file(_predictor_path(5), self.device)
+        self.sp5 = (TorchShapePredictor.from_file(shipped_predictor_file(5), self.device)
                     if self.template.points == "dlib5" and not self.fit68 else None)
 
     # -- public API -------------------------------------------------------------------------------------
@@ -308,10 +307,6 @@ def _by_size(images) -> dict[tuple[int, int], list[int]]:
         if im is not None:
             groups.setdefault(tuple(im.shape[:2]), []).append(i)
     return groups
-
-
-def _predictor_path(points: int) -> str:
-    return os.path.join(models_dir(), f"shape_predictor_{points}_face_landmarks.dat")
 
 
 __all__ = ["DETECTED", "FALLBACK", "UNREADABLE", "AlignedBatch", "BatchAligner", "warp_batch"]

