@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdsn_cli.eval.benchmark import BenchmarkConfig, run_benchmark
-from pdsn_cli.data.chip_cache import DataSpec
+from pdsn_cli.data.chip_cache import DataSpec, export_chips
 from pdsn_cli.data.lfw import write_training_identities
 from pdsn_cli.errors import BadInputError, check_training_options
 from pdsn_cli.pdsn.fdm import build
 from pdsn_cli.train.finetune import FinetuneConfig, finetune
+from pdsn_cli.train.finetune_trunk import FinetuneTrunkConfig, finetune_trunk
 from pdsn_cli.data.make_pairs import MakePairsConfig, make_pairs
 from pdsn_cli.device import resolve_device
 from pdsn_cli.occlusion.driver import parse_occlusions
@@ -44,8 +45,14 @@ class PipelineConfig:
     lr: float = 1e-3
     optimizer: str = "adam"
     tau: float = 0.25
-    #: epochs of ``finetune`` (the head on FDM-masked features of block + random-occluder pairs); 0 skips it
-    finetune_epochs: int = 3
+    #: what ``finetune`` tunes on FDM-masked features: ``head`` (after the mask point, on the block and
+    #: random-occluder pairs) or ``trunk`` (the whole trunk, on occluders drawn fresh over the training faces and
+    #: every ``train_dirs`` set)
+    tune: str = "head"
+    #: epochs of that stage (None: 3 for the head, 4 for the trunk); 0 skips it
+    finetune_epochs: int | None = None
+    #: more face sets (identity folders) the trunk is tuned on, next to the training identities
+    train_dirs: list[Path] = field(default_factory=list)
     occlusions: list[str] = field(default_factory=lambda: ["none", "sunglasses", "scarf", "block:12"])
     limit_pairs: int | None = None
     seed: int = 0
@@ -65,10 +72,19 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     if not 0.0 < cfg.tau < 1.0:
         raise BadInputError(f"--tau must be in (0, 1), got {cfg.tau}")
     check_training_options(epochs=cfg.epochs, per_image=cfg.per_image, batch_size=cfg.batch_size)
+    if cfg.tune not in ("head", "trunk"):
+        raise BadInputError(f"--tune must be head or trunk, got {cfg.tune!r}")
+    if cfg.finetune_epochs is None:
+        cfg.finetune_epochs = 3 if cfg.tune == "head" else 4
     if cfg.finetune_epochs < 0:
         raise BadInputError(f"--finetune-epochs must be ≥ 0, got {cfg.finetune_epochs}")
     if cfg.export_model is not None and not cfg.finetune_epochs:
-        raise BadInputError("--export-model ships the fine-tuned head: --finetune-epochs must be ≥ 1")
+        raise BadInputError("--export-model ships the fine-tuned head/trunk: --finetune-epochs must be ≥ 1")
+    if cfg.train_dirs and (cfg.tune != "trunk" or not cfg.finetune_epochs):
+        raise BadInputError("--train-dir feeds the trunk's fine-tuning: give --tune trunk")
+    for d in cfg.train_dirs:
+        if not Path(d).is_dir():
+            raise BadInputError(f"--train-dir {d} is not a folder")
     if cfg.export_model is not None and cfg.trunk not in PACKAGED_WEIGHTS and cfg.weights is None:
         raise BadInputError(f"--export-model: trunk {cfg.trunk} has no weights in the install; give --weights "
                             "(they are copied into the model)")
@@ -105,18 +121,33 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     say(f"3/{n} build-dict τ={cfg.tau}")
     dictionary = build([cfg.work / "blocks" / "all.pt"], cfg.work / "dict.h5", tau=cfg.tau)
     dict_path, tuned = cfg.work / "dict.h5", None
-    if cfg.finetune_epochs:
-        # the head learns masked features of block pairs and of random objects (sunglasses, scarves, hands, ...)
-        say(f"4/{n} finetune the head ({cfg.finetune_epochs} epochs) on block and random-occluder pairs")
+    if cfg.finetune_epochs or cfg.export_model is not None:
+        # random objects (sunglasses, scarves, hands, ...): what the head is tuned on and the detector learns
         make_pairs(MakePairsConfig(
             out=cfg.work / "pairs-random.h5", data=data, occluder="random", template=trunk.template,
             per_image=2 * cfg.per_image, identities=identities, limit=cfg.train_limit, seed=cfg.seed + 1,
             workers=cfg.workers,
         ), progress=stage("pairs"), align_progress=stage("align"))
+    if cfg.finetune_epochs and cfg.tune == "head":
+        say(f"4/{n} finetune the head ({cfg.finetune_epochs} epochs) on block and random-occluder pairs")
         tuned = finetune(FinetuneConfig(
             dict_path=dict_path, pairs=[cfg.work / "pairs-blocks.h5", cfg.work / "pairs-random.h5"],
             out=cfg.work / "dict-ft.h5", weights=cfg.weights, epochs=cfg.finetune_epochs, seed=cfg.seed, gpu=cfg.gpu,
         ), progress=progress)
+        dict_path = cfg.work / "dict-ft.h5"
+    elif cfg.finetune_epochs:
+        sets = [(data, identities, "faces-train.h5")] + [
+            (DataSpec(Path(d)), None, f"faces-{k}-{Path(d).name}.h5") for k, d in enumerate(cfg.train_dirs, 1)]
+        say(f"4/{n} finetune the trunk ({cfg.finetune_epochs} epochs) on occluders drawn over {len(sets)} face set(s)")
+        faces = []
+        for spec, ids, name in sets:
+            # from the chip cache: faces aligned for the pairs are not aligned again
+            export_chips(spec, trunk.template, cfg.work / name, identities=ids, limit=cfg.train_limit,
+                         seed=cfg.seed, workers=cfg.workers, progress=stage("align"))
+            faces.append(cfg.work / name)
+        tuned = finetune_trunk(FinetuneTrunkConfig(
+            dict_path=dict_path, faces=faces, out=cfg.work / "dict-ft.h5", weights=cfg.weights,
+            epochs=cfg.finetune_epochs, seed=cfg.seed, gpu=cfg.gpu), progress=progress)
         dict_path = cfg.work / "dict-ft.h5"
     detector = model = None
     if cfg.export_model is not None:

@@ -223,3 +223,27 @@ def test_cli_megaface_lfw_json_and_report(lfw_like, tiny_weights, fdm_dict, tmp_
     r = CliRunner().invoke(app, ["benchmark", "--dataset", "megaface-lfw", "--data-dir", str(lfw_like), "--trunk",
                                  "tiny", "--weights", tiny_weights, "--synthetic-model", "pareto"])
     assert r.exit_code == 2 and "--synthetic-model" in r.output
+
+
+def test_megaface_with_a_tuned_trunk_keeps_the_baseline(faces, tiny_weights, fdm_dict, tmp_path):
+    """A dictionary that tunes the trunk (finetune --faces): the distractor store holds both feature sets, the
+    baseline rows are those of the untouched trunk, the PDSN rows those of the tuned one."""
+    from pdsn_cli.data.chip_cache import DataSpec, export_chips
+    from pdsn_cli.train.finetune_trunk import FinetuneTrunkConfig, finetune_trunk
+
+    export_chips(DataSpec(None, 4, 3), "arc112x96", tmp_path / "faces.h5")
+    tuned = tmp_path / "dict-ft.h5"
+    finetune_trunk(FinetuneTrunkConfig(dict_path=fdm_dict, faces=[tmp_path / "faces.h5"], out=tuned,
+                                       weights=tiny_weights, epochs=1, batch_size=8, lr=1e-3, holdout=0.3))
+    _megaface_fixture(tmp_path / "mf", faces)
+    runs = [run_identification(IdentificationConfig(
+        dataset="megaface", data_dir=tmp_path / "mf", trunk="tiny", weights=tiny_weights, dict_path=d,
+        occlusions=["sunglasses"], ranks=3, cache_dir=tmp_path / "cache")) for d in (fdm_dict, tuned)]
+    rows = [{r["method"]: r["rank1"] for r in res["results"]} for res in runs]
+    assert rows[0]["baseline"] == rows[1]["baseline"]
+    assert runs[1]["finetuned_trunk"] and not runs[0]["finetuned_trunk"]
+    stores = list((tmp_path / "cache" / "features").glob("distractors-*.h5"))
+    assert len(stores) == 2  # the tuned trunk's features are cached apart
+    import h5py
+
+    assert sorted(sorted(h5py.File(s).keys()) for s in stores) == [["features"], ["features", "tuned"]]

@@ -228,6 +228,10 @@ def embed_cmd(
     pdsn pipeline --data-dir ../shared/data/lfw --workers 2 --json lfw-pipeline.json   # needs LFW
 
     pdsn pipeline --export-model my-model --epochs 2 --finetune-epochs 1   # a model folder for --model / pdsn verify (synthetic faces: a demo)
+
+    pdsn pipeline --tune trunk --epochs 2 --finetune-epochs 1   # the trunk tuned on occluders drawn fresh (synthetic faces: a demo)
+
+    pdsn pipeline --data-dir ../shared/data/lfw --tune trunk --train-dir ../shared/data/celeba-faces --workers 2   # needs LFW and celeba-faces
 """)
 def pipeline_cmd(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="LFW root (train on identities outside pairs.txt, test on View 2). Default: built-in synthetic faces."),
@@ -240,7 +244,9 @@ def pipeline_cmd(
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(32, "--batch-size", help="train-block: pairs per block and step."),
     tau: float = typer.Option(0.25, "--tau"),
-    finetune_epochs: int = typer.Option(3, "--finetune-epochs", help="Epochs of the head fine-tuned on masked features (pdsn finetune); 0 skips that stage."),
+    tune: str = typer.Option("head", "--tune", help="What pdsn finetune tunes on masked features: head (after the mask point, on the block and random-occluder pairs) or trunk (the whole trunk, occluders drawn fresh over the training faces and every --train-dir)."),
+    finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Epochs of pdsn finetune (default: 3 for the head, 4 for the trunk); 0 skips that stage."),
+    train_dir: Optional[list[Path]] = typer.Option(None, "--train-dir", help="With --tune trunk: another face set (identity folders) to tune on, its people kept apart from the others (repeatable)."),
     occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="Benchmark occlusions (default: none, sunglasses, scarf, block:12)."),
     limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs"),
     seed: int = typer.Option(0, "--seed"),
@@ -253,7 +259,7 @@ def pipeline_cmd(
     """The whole method in one command: make-pairs → train-block (all) → build-dict → finetune → benchmark."""
     cfg = PipelineConfig(export_model=export_model, command=" ".join(["pdsn", *sys.argv[1:]]), work=work or work_dir() / "pipeline", data_dir=data_dir, trunk=trunk, weights=weights,
                          mask_point=mask_point, per_image=per_image, train_limit=train_limit, epochs=epochs, batch_size=batch_size, tau=tau,
-                         finetune_epochs=finetune_epochs, limit_pairs=limit_pairs, seed=seed, workers=workers, gpu=gpu)
+                         tune=tune, finetune_epochs=finetune_epochs, train_dirs=list(train_dir or []), limit_pairs=limit_pairs, seed=seed, workers=workers, gpu=gpu)
     if occluder:
         cfg.occlusions = list(occluder)
     with handled():

@@ -12,12 +12,14 @@ from pdsn_cli.accel import check_precision
 from pdsn_cli.atomic import check_distinct_paths, check_writable
 from pdsn_cli.cli.app import (GPU, JSON_OUT, PRECISION, QUIET, TRUNK, WEIGHTS, app, default_path, handled, shown_default,
                               resume_command, work_dir, write_json)
+from pdsn_cli.errors import BadInputError
 from pdsn_cli.cli.render import Bars, kv_table, out, warn
 from pdsn_cli.pdsn.fdm import build, load
 from pdsn_cli.report.plots import plot_dict
 from pdsn_cli.train.blocks import TrainBlockConfig, train_blocks
 from pdsn_cli.train.detector import TrainDetectorConfig, train_detector
 from pdsn_cli.train.finetune import FinetuneConfig, finetune
+from pdsn_cli.train.finetune_trunk import DRAWN, FinetuneTrunkConfig, finetune_trunk
 from pdsn_cli.train.trunk import CHECKPOINT_NAME, TRUNK_NAME, TrainTrunkConfig, train_trunk
 
 
@@ -138,41 +140,74 @@ def build_dict_cmd(
 
     pdsn make-pairs --block all --out blocks.h5 && pdsn train-block --pairs blocks.h5 && pdsn build-dict --out dict.h5 && pdsn finetune --dict dict.h5 --pairs blocks.h5 --max-pairs 6000 --epochs 3 --out dict-ft.h5
 
+    pdsn make-pairs --block all --out blocks.h5 && pdsn train-block --pairs blocks.h5 && pdsn build-dict --out dict.h5 && pdsn align --out faces.h5 && pdsn finetune --dict dict.h5 --faces faces.h5 --epochs 2 --out dict-ft.h5
+
     pdsn finetune --dict lfw-dict.h5 --pairs lfw-random.h5 --pairs lfw-square.h5 --identity-weight 0.1 --out lfw-dict-ft.h5   # needs LFW pairs and dictionary
+
+    pdsn finetune --dict lfw-dict.h5 --faces celeba.h5 --faces lfw-train.h5 --from-stage level3 --gpu 0 --out lfw-dict-ft.h5   # needs aligned face sets and a GPU
 """)
 def finetune_cmd(
     dict_path: Optional[Path] = typer.Option(None, "--dict", help=f"FDM dictionary to fine-tune for (default: {shown_default('dict.h5')})."),
-    pairs: list[Path] = typer.Option(..., "--pairs", help="make-pairs files of training identities (repeatable): their occlusions choose each pair's FDM."),
-    out_path: Optional[Path] = typer.Option(None, "--out", help=f"Output dictionary with the fine-tuned head (default: {shown_default('dict-ft.h5')})."),
+    pairs: Optional[list[Path]] = typer.Option(None, "--pairs", help="Tune the head after the mask point on these make-pairs files of training identities (repeatable): their occlusions choose each pair's FDM."),
+    faces: Optional[list[Path]] = typer.Option(None, "--faces", help="Tune the trunk itself (from --from-stage on) on these face sets, chips files of pdsn align (repeatable; identities kept apart per set), occluders drawn fresh every step."),
+    from_stage: str = typer.Option("stem", "--from-stage", help="With --faces: the first stage tuned (stem: the whole trunk)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help=f"Output dictionary with the fine-tuned head/trunk (default: {shown_default('dict-ft.h5')})."),
     weights: Optional[str] = WEIGHTS,
-    epochs: int = typer.Option(8, "--epochs"),
-    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: 8 with --pairs, 4 with --faces."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: 1e-4 with --pairs, 3e-5 with --faces)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     block_threshold: float = typer.Option(0.25, "--block-threshold", help="Block occupancy from which a block counts as occluded."),
-    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Seeded sample of at most N pairs per file."),
-    identity_weight: float = typer.Option(0.0, "--identity-weight", help="Weight of a CosFace term classifying the masked embeddings among the training identities (0: distillation only)."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="--pairs: a seeded sample of at most N pairs per file."),
+    max_faces: Optional[int] = typer.Option(None, "--max-faces", help="--faces: a seeded sample of at most N faces per set."),
+    identity_weight: Optional[float] = typer.Option(None, "--identity-weight", help="Weight of a CosFace term classifying the masked embeddings among the training identities (default: 0 with --pairs, 0.5 with --faces)."),
+    degrade: float = typer.Option(0.3, "--degrade", help="--faces: probability of a greyscale and of a low-resolution face."),
+    clean_share: float = typer.Option(0.15, "--clean-share", help="--faces: share of faces left unoccluded."),
+    occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="--faces: occluder kinds drawn (repeatable; default: every kind)."),
     seed: int = typer.Option(0, "--seed"),
     gpu: Optional[int] = GPU,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (<out>.ckpt)."),
     json_path: Optional[Path] = JSON_OUT,
     quiet: bool = QUIET,
 ):
-    """Fine-tune the trunk head on FDM-masked features (the paper's last stage); writes a dictionary carrying it."""
-    cfg = FinetuneConfig(dict_path=dict_path or work_dir() / "dict.h5", pairs=list(pairs),
-                         out=default_path(out_path, "dict-ft.h5"), weights=weights, epochs=epochs, lr=lr,
-                         batch_size=batch_size, block_threshold=block_threshold, max_pairs=max_pairs, seed=seed, gpu=gpu,
-                         identity_weight=identity_weight, resume=resume)
-    res = run_training(finetune, cfg, quiet, json_path,
-                       {"--dict": cfg.dict_path, "--pairs": cfg.pairs, "--weights": weights}, {"--out": cfg.out})
-    if res is None:  # a torchrun rank other than 0
-        return
+    """Fine-tune on FDM-masked features: the head after the mask point (--pairs, the paper's last stage) or the
+    trunk itself on occluders drawn fresh (--faces); writes a dictionary carrying the tuned parameters."""
+    with handled():
+        if bool(pairs) == bool(faces):
+            raise BadInputError("give --pairs (tune the head) or --faces (tune the trunk), one of the two")
+        if faces and max_pairs is not None or pairs and max_faces is not None:
+            raise BadInputError("--max-pairs goes with --pairs, --max-faces with --faces")
+    dict_path, out_file = dict_path or work_dir() / "dict.h5", default_path(out_path, "dict-ft.h5")
     fmt = lambda d: " / ".join(f"{x:.4f}" for x in d) if d else "n/a"  # noqa: E731
+    if faces:
+        cfg = FinetuneTrunkConfig(
+            dict_path=dict_path, faces=list(faces), out=out_file, weights=weights, from_stage=from_stage,
+            epochs=4 if epochs is None else epochs, lr=3e-5 if lr is None else lr, batch_size=batch_size,
+            block_threshold=block_threshold, identity_weight=0.5 if identity_weight is None else identity_weight,
+            clean_share=clean_share, degrade=degrade, occluders=list(occluder or DRAWN), max_faces=max_faces,
+            seed=seed, gpu=gpu, resume=resume)
+        res = run_training(finetune_trunk, cfg, quiet, json_path,
+                           {"--dict": dict_path, "--faces": cfg.faces, "--weights": weights}, {"--out": out_file})
+        if res is None:
+            return
+        rows = {"faces (held out)": f"{res['faces']} of {res['identities']} people in {', '.join(res['face_sets'])} "
+                                    f"({res['held_out_faces']} of {res['held_out_identities']})",
+                "tuned": f"from {res['from_stage']}: {res['tuned_parameter_count']:,} parameters in "
+                         f"{res['tuned_parameters']} tensors"}
+    else:
+        cfg = FinetuneConfig(dict_path=dict_path, pairs=list(pairs), out=out_file, weights=weights,
+                             epochs=8 if epochs is None else epochs, lr=1e-4 if lr is None else lr,
+                             batch_size=batch_size, block_threshold=block_threshold, max_pairs=max_pairs, seed=seed,
+                             gpu=gpu, identity_weight=identity_weight or 0.0, resume=resume)
+        res = run_training(finetune, cfg, quiet, json_path,
+                           {"--dict": dict_path, "--pairs": cfg.pairs, "--weights": weights}, {"--out": out_file})
+        if res is None:  # a torchrun rank other than 0
+            return
+        rows = {"pairs (held out)": f"{res['pairs']} ({res['held_out_pairs']})",
+                "head parameters": f"{res['head_parameter_count']:,} in {len(res['head_parameters'])} tensors"}
     out.print(kv_table("finetune", {
-        "output": res["out"], "trunk / mask point": f"{res['trunk']} / {res['mask_point']}",
-        "pairs (held out)": f"{res['pairs']} ({res['held_out_pairs']})",
-        "head parameters": f"{res['head_parameter_count']:,} in {len(res['head_parameters'])} tensors",
+        "output": res["out"], "trunk / mask point": f"{res['trunk']} / {res['mask_point']}", **rows,
         "held-out 1−cos to clean: masked occluded / masked clean / unmasked, before": fmt(res["held_out_before"]),
-        f"after (head kept: epoch {res['kept_epoch']} of {res['epochs']})": fmt(res["history"][res["kept_epoch"] - 1]["held_out"]),
+        f"after (kept: epoch {res['kept_epoch']} of {res['epochs']})": fmt(res["history"][res["kept_epoch"] - 1]["held_out"]),
         "time": f"{res['seconds']} s", **resumed_row(res),
     }))
 

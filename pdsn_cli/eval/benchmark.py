@@ -22,7 +22,7 @@ from pdsn_cli.errors import BadInputError, JobFailed
 from pdsn_cli.eval.recovery import add_recovery
 from pdsn_cli.eval.verification import roc_curve, summarize
 from pdsn_cli.occlusion.driver import parse_occlusions
-from pdsn_cli.pdsn.embedder import LANDMARK_SETS, Embedder
+from pdsn_cli.pdsn.embedder import LANDMARK_SETS, Embedder, all_finite
 from pdsn_cli.pdsn.models import apply_model
 from pdsn_cli.report.tables import Result
 
@@ -157,7 +157,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress=None) -> dict:
         feats = embedder.jittered(vs.chips.image, vs.chips.source, normalize, stage("jittered views"))
     else:
         feats = embedder.features([s.chips.image for s in sets], stage("features"))
-    if not np.isfinite(feats).all():
+    if not all_finite(feats):
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
     f1 = feats[vs.i1]  # the first images are never occluded: their baseline embeddings serve every variant
     plain1 = None if cfg.jitter else embedder.plain(f1, normalize)

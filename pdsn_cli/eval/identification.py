@@ -40,7 +40,7 @@ from pdsn_cli.eval.benchmark import CommonOptions, finish, stages
 from pdsn_cli.eval.recovery import add_recovery
 from pdsn_cli.eval.search import threshold_at_far, topk
 from pdsn_cli.occlusion.driver import OcclusionVariant, occlude_chips, parse_occlusions
-from pdsn_cli.pdsn.embedder import Embedder
+from pdsn_cli.pdsn.embedder import Embedder, TwinFeatures, all_finite
 
 FAR = 1e-6
 HIST_BINS = 1 << 16  # threshold resolution 2/65536 ≈ 3e-5 in cosine
@@ -78,12 +78,15 @@ class DistractorFeatures:
         self.path = path
         self.f = h5py.File(path, "r")
         self.feats = self.f["features"]
+        # a dictionary that tunes the trunk: its features too (PDSN's side of the comparison)
+        self.tuned = self.f["tuned"] if "tuned" in self.f else None
 
     def __len__(self) -> int:
         return self.feats.shape[0]
 
-    def read(self, a: int, b: int) -> np.ndarray:
-        return self.feats[a:b].astype(np.float32)
+    def read(self, a: int, b: int):
+        base = self.feats[a:b].astype(np.float32)
+        return base if self.tuned is None else TwinFeatures(base, self.tuned[a:b].astype(np.float32))
 
     @classmethod
     def build(cls, cache: ChipCache, sources: list[str], embedder: Embedder, key: str, cache_dir: Path | None,
@@ -98,11 +101,14 @@ class DistractorFeatures:
         step = 1024
         with atomic_output(path, shared=True) as tmp:  # a cache entry: concurrent runs may write it too
             with open_for_writing(tmp) as f:
-                ds = f.create_dataset("features", (len(sources), *shape), np.float16,
-                                      chunks=(min(64, max(1, len(sources))), *shape))
+                names = ("features", "tuned") if embedder.tuned_features else ("features",)
+                ds = [f.create_dataset(name, (len(sources), *shape), np.float16,
+                                       chunks=(min(64, max(1, len(sources))), *shape)) for name in names]
                 for a in range(0, len(sources), step):
                     chips = cache.load(sources[a:a + step])
-                    ds[a:a + len(chips)] = embedder.features([chips.image])
+                    feats = embedder.features([chips.image])
+                    for d, part in zip(ds, (feats.base, feats.tuned) if embedder.tuned_features else (feats,)):
+                        d[a:a + len(chips)] = part
                     if progress:
                         progress(min(a + step, len(sources)), len(sources))
         return cls(path)
@@ -289,13 +295,14 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
         raise BadInputError("no usable real distractors")
     sizes = [s for s in sizes if s > 0]
 
-    key = hashlib.sha1("|".join([str(dcache.dir), trunk.name, str(cfg.weights), point, str(cfg.flip),
+    tuned = embedder.dictionary.head_digest() if embedder.tuned_features else ""
+    key = hashlib.sha1("|".join([str(dcache.dir), trunk.name, str(cfg.weights), point, str(cfg.flip), tuned,
                                  trunk.template, dcache.content_key(dist_sources)] + dist_sources
                                 ).encode()).hexdigest()[:16]
     store = DistractorFeatures.build(dcache, dist_sources, embedder, key, cfg.cache_dir, stage("distractor features"))
     by_id = [np.flatnonzero(pchips.label == c) for c in range(len(pchips.identity))]
     probes = ProbeSide(pchips, embedder.features([pchips.image], stage("probe features")), by_id)
-    if not np.isfinite(probes.feats).all():
+    if not all_finite(probes.feats):
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
 
     def gallery(mask):
@@ -431,7 +438,7 @@ def run_ar(cfg: ArConfig, progress=None) -> dict:
         ar.ar_items(proto), workers=cfg.workers, progress=stage("align"), what="the AR protocol's images")
     pos = chips.index_of_source()
     feats = embedder.features([chips.image], stage("features"))
-    if not np.isfinite(feats).all():
+    if not all_finite(feats):
         raise JobFailed(f"trunk {trunk.name} gives non-finite features (NaN/inf); check --weights")
     subject = np.array([chips.identity[c] for c in chips.label])
     g_idx = np.array([pos[im.path] for im in proto.gallery if im.path in pos])

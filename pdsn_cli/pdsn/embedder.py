@@ -44,6 +44,37 @@ class Embedded:
     features: np.ndarray | torch.Tensor  # the unmasked features the embeddings were computed from
 
 
+class TwinFeatures:
+    """The features of the same images from the untouched trunk (``base``: the baseline's) and from the
+    dictionary's fine-tuned trunk (``tuned``: PDSN's), indexed together. ``Embedder.features`` returns these when
+    the dictionary tunes the trunk below its mask point (``pdsn finetune --faces``); ``plain`` reads ``base``,
+    ``masked`` reads ``tuned``, so callers index and pass them on as they do a plain array."""
+
+    def __init__(self, base, tuned):
+        self.base, self.tuned = base, tuned
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, idx) -> TwinFeatures:
+        return TwinFeatures(self.base[idx], self.tuned[idx])
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+
+def all_finite(features) -> bool:
+    """No NaN/inf in features (both sets of twin features)."""
+    parts = (features.base, features.tuned) if isinstance(features, TwinFeatures) else (features,)
+    return all(bool(torch.isfinite(p).all()) if isinstance(p, torch.Tensor) else bool(np.isfinite(p).all())
+               for p in parts)
+
+
 @dataclass
 class Embedder:
     trunk: Trunk
@@ -64,6 +95,8 @@ class Embedder:
     head_batch_size: int = 256  # features per head pass
     precision: str = "bf16"  # CUDA only (pdsn_cli.accel)
     compile: str = "auto"
+    #: the dictionary tunes the trunk below the mask point: PDSN features come from ``masked_trunk`` (TwinFeatures)
+    tuned_features: bool = False
 
     @classmethod
     def load(cls, trunk_name: str | None, weights=None, dict_path: Path | None = None, occlusion_source: str = "oracle",
@@ -106,14 +139,17 @@ class Embedder:
         if landmarks != "5" and get_template(trunk.template).dst68 is None:
             raise BadInputError(f"--landmarks {landmarks} needs a dlib template; trunk {trunk.name} uses "
                                 f"{trunk.template}")
+        tuned = bool(dictionary is not None and dictionary.head
+                     and set(dictionary.head) - set(trunk.head_parameters(point)))
         return cls(trunk, point, dictionary, detector, occlusion_source, device, dict_path, masked, block_threshold,
-                   flip, jitter, seed, landmarks, batch_size, head_batch_size, precision, compile)
+                   flip, jitter, seed, landmarks, batch_size, head_batch_size, precision, compile, tuned)
 
     def header(self) -> dict:
         """The result keys every benchmark starts with: what was measured, with which trunk and dictionary."""
         return {"trunk": self.trunk.name, "mask_point": self.point,
                 "dictionary": str(self.dict_path) if self.dict_path else None,
                 "finetuned_head": bool(self.dictionary is not None and self.dictionary.head),
+                "finetuned_trunk": self.tuned_features,
                 "occlusion_source": self.source if self.dictionary is not None else None}
 
     @property
@@ -129,7 +165,13 @@ class Embedder:
     def features(self, chip_sets: list, progress=None, on_device: bool = False):
         """Trunk features at the mask point of every chip set (with ``flip``, each also mirrored), stacked as views
         N×V×C×H×W; one set without flip gives N×C×H×W. ``on_device`` (one set only): a tensor left on the device."""
-        fs = [extract_features(self.trunk, c, self.point, self.batch_size, self.device, flip=self.flip,
+        if self.tuned_features:
+            return TwinFeatures(self._features(self.trunk, chip_sets, progress, on_device),
+                                self._features(self.masked_trunk, chip_sets, progress, on_device))
+        return self._features(self.trunk, chip_sets, progress, on_device)
+
+    def _features(self, trunk: Trunk, chip_sets: list, progress, on_device: bool):
+        fs = [extract_features(trunk, c, self.point, self.batch_size, self.device, flip=self.flip,
                                progress=progress, precision=self.precision, compile=self.compile,
                                on_device=on_device) for c in chip_sets]
         if len(fs) == 1:
@@ -155,12 +197,16 @@ class Embedder:
 
     def plain(self, features, normalize: bool = True) -> np.ndarray:
         """Embeddings of unmasked features by the trunk's own head (the baseline)."""
+        if isinstance(features, TwinFeatures):
+            features = features.base
         return self._head(self.trunk, features, None, normalize)
 
     def masked(self, features, masks: np.ndarray, normalize: bool = True) -> np.ndarray:
         """PDSN embeddings: features ⊙ FDM through the fine-tuned head when the dictionary has one. ``masks``: one
         per row, or one for every row with a row axis of 1 (what :meth:`masks` gives for one block combination)."""
         masks = np.asarray(masks)
+        if isinstance(features, TwinFeatures):
+            features = features.tuned
         if len(masks) == 1 and len(features) != 1:  # a view: the head reads it batch by batch
             masks = np.broadcast_to(masks, (len(features), *masks.shape[1:]))
         return self._head(self.masked_trunk, features, masks, normalize)

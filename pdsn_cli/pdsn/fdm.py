@@ -16,6 +16,7 @@ At test time the FDM of an image is the logical AND of the entries of its occlud
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -59,6 +60,14 @@ class FdmDict:
             for k, v in self.head.items():
                 out.state_dict()[k].copy_(torch.from_numpy(v))
         return out.eval()
+
+    def head_digest(self) -> str:
+        """A digest of the fine-tuned parameters (a cache key for features they compute)."""
+        h = hashlib.sha1()
+        for k in sorted(self.head or {}):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(self.head[k]).tobytes())
+        return h.hexdigest()[:16]
 
     def combine(self, occluded: np.ndarray) -> tuple[np.ndarray, int]:
         """occluded: bool N×K² (or N×K×K) → float32 N×C×H×W masks, and how many images lost every element

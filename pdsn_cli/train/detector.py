@@ -30,6 +30,7 @@ from pdsn_cli.data import pairs_h5
 from pdsn_cli.device import seed_everything
 from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
 from pdsn_cli.pdsn.detector import DetectorNet, OcclusionDetector, resize_chips, to_tensor
+from pdsn_cli.train import augment
 from pdsn_cli.train.loop import Checkpoints, Processes, Task, steps_per_epoch, train
 from pdsn_cli.train.splits import split_by_source
 
@@ -210,21 +211,16 @@ def _augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
     flip = torch.rand(n, generator=g) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
     y = torch.where(flip.view(-1, 1, 1).to(y.device), y.flip(2), y)
-    # mild photometric jitter: real chips vary in exposure far more than a synthetic training set
-    gain = (0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)).to(x.device)
-    bias = (40.0 * torch.rand(n, 1, 1, 1, generator=g) - 20.0).to(x.device)
-    x = (x * gain + bias).clamp_(0, 255)
+    # mild photometric jitter; with ``degrade``, greyscale and low-resolution chips (pdsn_cli.train.augment)
+    gain = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)
+    bias = 40.0 * torch.rand(n, 1, 1, 1, generator=g) - 20.0
+    x = augment.expose(x, gain, bias)
     if degrade > 0:
-        # photos unlike the training ones: greyscale, and faces a few dozen pixels wide (AR's 55×40 images,
-        # surveillance frames) upsampled to the chip; the occupancy they are trained on stays the same
-        grey = (torch.rand(n, generator=g) < degrade).view(-1, 1, 1, 1).to(x.device)
-        x = torch.where(grey, x.mean(1, keepdim=True).expand_as(x), x)
-        h, w = x.shape[2:]
+        # the occupancy the chips are trained on stays the same
+        grey = torch.rand(n, generator=g) < degrade
         side = int(torch.randint(16, 41, (1,), generator=g))
-        small = F.interpolate(F.interpolate(x, size=(side, side * w // h), mode="area"), size=(h, w),
-                              mode="bilinear", align_corners=False)
-        low = (torch.rand(n, generator=g) < degrade).view(-1, 1, 1, 1).to(x.device)
-        x = torch.where(low, small, x)
+        low = torch.rand(n, generator=g) < degrade
+        x = augment.degrade(x, grey, low, side)
     return x, y
 
 

@@ -66,18 +66,9 @@ class FinetuneConfig:
 
 
 def head_parameters(trunk, point: str) -> dict[str, torch.nn.Parameter]:
-    """The parameters ``trunk.head`` uses after ``point`` (found by a backward pass, so any trunk works)."""
-    f = torch.zeros(1, *trunk.feature_shape(point), device=next(trunk.parameters()).device, requires_grad=False)
+    """The parameters ``trunk.head`` uses after ``point``."""
     params = dict(trunk.named_parameters())
-    for p in params.values():
-        p.grad = None
-        p.requires_grad_(True)
-    trunk.head(f + 1.0, point).sum().backward()
-    used = {n: p for n, p in params.items() if p.grad is not None}
-    for p in params.values():
-        p.grad = None
-        p.requires_grad_(False)
-    return used
+    return {n: params[n] for n in trunk.head_parameters(point)}
 
 
 def _pairs_features(embedder: Embedder, cfg, progress=None):
@@ -256,6 +247,7 @@ def _finetune(cfg: FinetuneConfig, procs: Processes, progress, log) -> dict:
     # eval mode: batch-norm statistics stay those of the trunk (masked batches would skew them), dropout off;
     # the BN affine parameters are still trained
     student = copy.deepcopy(trunk).eval()
+    student.requires_grad_(False)
     trained = head_parameters(student, point)
     for p in trained.values():
         p.requires_grad_(True)

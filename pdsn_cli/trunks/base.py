@@ -72,6 +72,44 @@ class Trunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_embedding(self._run_stages(self.forward_stem(self.preprocess(x)), 0, len(self.stages)))
 
+    def tuning_stages(self) -> tuple[str, ...]:
+        """Where fine-tuning may start: ``stem`` (the whole network) or a stage (it and everything after it)."""
+        return ("stem",) + self.stages
+
+    def parameters_from(self, stage: str) -> list[str]:
+        """Names of the parameters the forward pass uses from ``stage`` on (``stem``: all of them). Found by a
+        backward pass through the part before ``stage``, so that any architecture is answered the same way."""
+        if stage not in self.tuning_stages():
+            raise BadInputError(f"trunk {self.name} has no stage {stage!r}; choose one of "
+                                f"{', '.join(self.tuning_stages())}")
+        names = [n for n, _ in self.named_parameters()]
+        if stage == "stem":
+            return names
+        return [n for n in names if n not in self._used(lambda x: self._run_stages(
+            self.forward_stem(self.preprocess(x)), 0, self.stages.index(stage)))]
+
+    def head_parameters(self, point: str | None = None) -> list[str]:
+        """Names of the parameters ``head`` uses after the mask point ``point``."""
+        point = self.check_point(point)
+        return sorted(self._used(lambda x: self.head(self.features(x, point).detach() + 1.0, point)))
+
+    def _used(self, fn) -> set[str]:
+        params = dict(self.named_parameters())
+        flags = {n: p.requires_grad for n, p in params.items()}
+        dev = next(iter(params.values())).device
+        try:
+            for p in params.values():
+                p.grad = None
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                out = fn(torch.full((1, 3, *self.input_size), 127.0, device=dev))
+                out.float().sum().backward()
+            return {n for n, p in params.items() if p.grad is not None}
+        finally:
+            for n, p in params.items():
+                p.grad = None
+                p.requires_grad_(flags[n])
+
     def feature_shape(self, point: str | None = None) -> tuple[int, int, int]:
         """C, H, W of the feature map at ``point`` (computed with a dummy forward on the trunk's device)."""
         p = next(self.parameters(), None)

@@ -1,0 +1,329 @@
+"""``pdsn finetune --faces``: the trunk in the loop, on occluded faces drawn fresh every step.
+
+``pdsn finetune --pairs`` adapts only the head after the mask point, on the occlusions a pairs file froze; the
+trunk below it never learns to see an occluder. This trainer adapts the trunk too, from ``from_stage`` on (FROM's
+half of the method, arXiv 2108.09468): every step takes a batch of aligned faces from one or more face sets (chips
+files of ``pdsn align``), draws an occluder on each (every kind of the toolkit, placed at random; a share left
+clean), mirrors half of them, jitters their exposure and degrades some (greyscale, low resolution), applies the FDM
+of the drawn occluder's blocks at the mask point and pulls
+
+    h'(M⊙f'(occluded)),  h'(M⊙f'(clean)),  h'(f'(clean))
+
+to the frozen trunk's embedding of the clean, undegraded face (cosine distillation: the baseline's embedding space
+stays the target, so tuned and untouched embeddings remain comparable), plus ``identity_weight`` × a CosFace term
+that classifies the two masked embeddings among the training identities (classes: their mean frozen embedding).
+
+Identities are named ``<set>/<identity>``, so two sets never share a person by accident; a share of them is held
+out (never trained on) and the epoch kept is the one whose held-out faces, occluded by fixed draws, embed closest
+to their clean selves. The output is the dictionary again with every tuned parameter in its ``head`` group: PDSN
+embeddings then run the tuned trunk, the baseline the untouched one (``Embedder``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdsn_cli.atomic import atomic_output, check_distinct_paths, check_resumable, check_writable
+from pdsn_cli.data.chips_h5 import read_chips
+from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
+from pdsn_cli.occlusion.occluders import OCCLUDERS, occlude
+from pdsn_cli.pdsn import fdm as fdm_mod
+from pdsn_cli.pdsn.embedder import Embedder
+from pdsn_cli.pdsn.fdm import mirror_blocks
+from pdsn_cli.pdsn.mask_generator import cosface_logits
+from pdsn_cli.train import augment
+from pdsn_cli.train.loop import Checkpoints, Processes, Task, steps_per_epoch, train
+from pdsn_cli.train.splits import holdout_identities
+
+CHECKPOINT_FORMAT = "pdsn-finetune-trunk"
+#: what is drawn on the faces: every occluder of the toolkit (``random`` is their mix, so it is not listed again)
+DRAWN = tuple(k for k in OCCLUDERS if k != "random")
+HELD_OUT_FACES = 512  # held-out faces scored after every epoch (fixed draws)
+
+
+@dataclass
+class FinetuneTrunkConfig:
+    dict_path: Path
+    faces: list[Path]  # chips files (pdsn align), one per face set
+    out: Path
+    weights: str | None = None
+    #: first stage tuned (``stem``: the whole trunk); the stages after it and the embedding layer are tuned too
+    from_stage: str = "stem"
+    epochs: int = 4
+    lr: float = 3e-5
+    batch_size: int = 64
+    block_threshold: float = 0.25
+    identity_weight: float = 0.5
+    clean_share: float = 0.15  # faces of a batch left unoccluded
+    degrade: float = 0.3  # probability of a greyscale and of a low-resolution face
+    occluders: list[str] = field(default_factory=lambda: list(DRAWN))
+    holdout: float = 0.1
+    max_faces: int | None = None  # per face set, a seeded sample
+    seed: int = 0
+    gpu: int | None = None
+    resume: bool = False
+
+
+@dataclass
+class FaceSets:
+    """The face sets' chips in memory, with identity names kept apart per set and each row's 5 landmarks."""
+
+    image: np.ndarray
+    landmarks: np.ndarray
+    names: list[str]
+    sets: list[str]
+    template: str
+
+
+def read_face_sets(paths: list[Path], template: str, max_faces: int | None, seed: int) -> FaceSets:
+    images, lms, names, sets = [], [], [], []
+    for k, path in enumerate(paths):
+        if not Path(path).is_file():
+            raise BadInputError(f"--faces {path} does not exist (make one with pdsn align)")
+        chips = read_chips(path)
+        if chips.template != template:
+            raise SchemaError(f"{path} holds {chips.template} chips, the trunk needs {template}")
+        sel = np.arange(len(chips))
+        if max_faces is not None and len(sel) > max_faces:
+            sel = np.sort(np.random.default_rng(seed).permutation(len(sel))[:max_faces])
+        # the set's name keeps its people apart from another set's: the file name, numbered if two are alike
+        tag = Path(path).stem if Path(path).stem not in sets else f"{Path(path).stem}-{k}"
+        sets.append(tag)
+        images.append(chips.image[sel])
+        lms.append(chips.landmarks[sel])
+        names += [f"{tag}/{chips.identity[j]}" for j in chips.label[sel]]
+    if not names:
+        raise BadInputError("the --faces files hold no faces")
+    return FaceSets(np.concatenate(images), np.concatenate(lms), names, sets, template)
+
+
+class Student(nn.Module):
+    """The trunk being tuned, run on occluded and clean chips in one forward (one DDP forward per step): the
+    stages before ``from_stage`` without gradients, the FDM applied at the mask point."""
+
+    def __init__(self, trunk, point: str, from_stage: str):
+        super().__init__()
+        self.trunk, self.point = trunk, point
+        self.frozen = 0 if from_stage == "stem" else trunk.stages.index(from_stage)
+        self.tune_stem = from_stage == "stem"
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> list[torch.Tensor]:
+        t, n = self.trunk, len(masks)
+        with torch.set_grad_enabled(self.tune_stem and torch.is_grad_enabled()):
+            f = t.forward_stem(t.preprocess(x))
+        for k, name in enumerate(t.stages[:t.stages.index(self.point) + 1]):
+            with torch.set_grad_enabled(k >= self.frozen and torch.is_grad_enabled()):
+                f = getattr(t, name)(f)
+        fo, fc = f[:n], f[n:]
+        return [t.head(z, self.point) for z in (fo * masks, fc * masks, fc)]
+
+
+class _TrunkTask(Task):
+    def __init__(self, cfg: FinetuneTrunkConfig, embedder: Embedder, student: Student, trained: dict,
+                 faces: FaceSets, teacher: torch.Tensor, label: torch.Tensor, centres: torch.Tensor,
+                 tr: np.ndarray, ho: np.ndarray, procs: Processes, log):
+        self.cfg, self.embedder, self.student, self.trained = cfg, embedder, student, trained
+        self.faces, self.T, self.label, self.centres, self.tr, self.ho = faces, teacher, label, centres, tr, ho
+        self.procs, self.log, self.device = procs, log, procs.device
+        self.model, self.modules = student, {"student": student.trunk}
+        self.epochs, self.steps_per_epoch = cfg.epochs, steps_per_epoch(len(tr), cfg.batch_size, procs.world)
+        self.use_id = cfg.identity_weight > 0
+        self.history: list[dict] = []
+        self.best = None  # (held-out score, epoch, tuned state)
+        self.held = ho[np.random.default_rng([cfg.seed, 2]).permutation(len(ho))[:HELD_OUT_FACES]] if len(ho) else ho
+
+    def draw(self, idx: np.ndarray, rng: np.random.Generator):
+        """Occluded and clean chips (float N×3×H×W each, augmented alike), the FDMs of the drawn occluders' blocks,
+        the teacher's embeddings (of the mirrored face where the chip was mirrored)."""
+        cfg, faces, grid = self.cfg, self.faces, self.embedder.grid
+        clean = faces.image[idx]
+        occ, blocks = clean.copy(), np.zeros((len(idx), grid, grid), bool)
+        for n, i in enumerate(idx):
+            if rng.random() < cfg.clean_share:
+                continue
+            kind = cfg.occluders[rng.integers(len(cfg.occluders))]
+            o = occlude(clean[n], faces.landmarks[i], kind, rng, grid=grid)
+            occ[n], blocks[n] = o.image, o.blocks >= cfg.block_threshold
+        flip = rng.random(len(idx)) < 0.5
+        occ[flip], clean[flip] = occ[flip, :, ::-1], clean[flip, :, ::-1]
+        blocks[flip] = mirror_blocks(blocks[flip])
+        x = torch.from_numpy(np.concatenate([occ, clean])).to(self.device).permute(0, 3, 1, 2).float()
+        # the same exposure and degradation on a face's occluded and clean chip, as on a probe and its gallery photo
+        n = len(idx)
+        gain = torch.from_numpy(rng.uniform(0.8, 1.2, n).astype(np.float32)).repeat(2).view(-1, 1, 1, 1)
+        bias = torch.from_numpy(rng.uniform(-20, 20, n).astype(np.float32)).repeat(2).view(-1, 1, 1, 1)
+        x = augment.expose(x, gain, bias)
+        if cfg.degrade > 0:
+            grey = torch.from_numpy(rng.random(n) < cfg.degrade).repeat(2)
+            low = torch.from_numpy(rng.random(n) < cfg.degrade).repeat(2)
+            x = augment.degrade(x, grey, low, int(rng.integers(16, 41)))
+        masks, _ = self.embedder.dictionary.combine(blocks.reshape(n, -1))
+        teacher = self.T[torch.as_tensor(idx, device=self.device), torch.as_tensor(flip.astype(np.int64), device=self.device)]
+        return x.contiguous(memory_format=torch.channels_last), torch.from_numpy(masks).to(self.device), teacher
+
+    def distances(self, model, idx: np.ndarray, rng: np.random.Generator, with_identity: bool) -> torch.Tensor:
+        x, masks, t = self.draw(idx, rng)
+        outs = [F.normalize(e.float(), dim=1) for e in model(x, masks)]
+        d = [(1 - (o * t).sum(1)).mean() for o in outs]
+        if with_identity:
+            y = self.label[torch.as_tensor(idx, device=self.device)]
+            d.append(sum(F.cross_entropy(cosface_logits(o, self.centres, y, 30.0, 0.35), y) for o in outs[:2]) / 2)
+        return torch.stack(d)
+
+    @torch.no_grad()
+    def held_out(self) -> list[float]:
+        if len(self.held) == 0:
+            return []
+        total = torch.zeros(3)
+        for a in range(0, len(self.held), 64):
+            part = self.held[a:a + 64]
+            # fixed draws: every epoch scores the same occluded faces
+            total += self.distances(self.student, part, np.random.default_rng([self.cfg.seed, 3, a]), False).cpu() * len(part)
+        return [round(float(v), 5) for v in total / len(self.held)]
+
+    def optimizer(self):
+        return torch.optim.Adam(self.trained.values(), lr=self.cfg.lr)
+
+    def plan(self, epoch):
+        return torch.from_numpy(np.random.default_rng([self.cfg.seed, epoch]).permutation(self.tr))
+
+    def step(self, model, plan, i):
+        b, procs = self.cfg.batch_size, self.procs
+        idx = plan[i * b:(i + 1) * b][procs.rank::procs.world].numpy()
+        epoch = len(self.history)
+        rng = np.random.default_rng([self.cfg.seed, 1, epoch, i, procs.rank])
+        d = self.distances(model, idx, rng, self.use_id)
+        loss = d[:3].sum() + (self.cfg.identity_weight * d[3] if self.use_id else 0)
+        return loss, torch.cat([loss.detach().view(1), d.detach()])
+
+    def end_epoch(self, epoch, stats, world):
+        total = torch.zeros(stats.shape[1] - 1, dtype=stats.dtype)
+        for row in stats:
+            total += row[1:]
+        train_d = (total / world / self.steps_per_epoch).tolist()
+        self.history.append({"epoch": epoch + 1, "train": [round(x, 5) for x in train_d], "held_out": self.held_out()})
+        if self.log:
+            self.log(self.history[-1])
+        score = sum(self.history[-1]["held_out"][:2]) if self.history[-1]["held_out"] else -epoch
+        if self.best is None or score < self.best[0]:
+            sd = self.student.trunk.state_dict()
+            self.best = (score, epoch + 1, {k: sd[k].detach().float().cpu().numpy().copy() for k in self.trained})
+
+    def state_dict(self):
+        best = None if self.best is None else [self.best[0], self.best[1],
+                                               {k: torch.from_numpy(v) for k, v in self.best[2].items()}]
+        return {"history": self.history, "best": best}
+
+    def load_state_dict(self, state):
+        self.history = list(state["history"])
+        b = state["best"]
+        self.best = None if b is None else (b[0], b[1], {k: v.numpy() for k, v in b[2].items()})
+
+
+def validate(cfg: FinetuneTrunkConfig) -> None:
+    check_writable(cfg.out)
+    check_resumable(cfg.out, str(cfg.out) + ".ckpt", cfg.resume)
+    if not cfg.faces:
+        raise BadInputError("give at least one --faces file (pdsn align) to fine-tune on")
+    check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, holdout=cfg.holdout)
+    if not cfg.identity_weight >= 0:
+        raise BadInputError(f"--identity-weight must be ≥ 0, got {cfg.identity_weight}")
+    for name, v in (("--clean-share", cfg.clean_share), ("--degrade", cfg.degrade)):
+        if not 0.0 <= v <= 1.0:
+            raise BadInputError(f"{name} is a probability in [0, 1], got {v}")
+    bad = [k for k in cfg.occluders if k not in DRAWN]
+    if bad or not cfg.occluders:
+        raise BadInputError(f"--occluder must be among {', '.join(DRAWN)}; got {', '.join(bad) or 'none'}")
+    check_distinct_paths({"--dict": cfg.dict_path, "--faces": cfg.faces, "--weights": cfg.weights}, {"--out": cfg.out})
+
+
+@torch.no_grad()
+def teacher_embeddings(trunk, images: np.ndarray, device: torch.device, progress=None, batch: int = 64) -> torch.Tensor:
+    """N×2×D: the frozen trunk's normalised embedding of each clean chip and of its mirror."""
+    out = torch.empty(len(images), 2, trunk.embedding_dim, device=device)
+    for a in range(0, len(images), batch):
+        x = torch.from_numpy(images[a:a + batch]).to(device).permute(0, 3, 1, 2).float()
+        for v, xv in enumerate((x, x.flip(3))):
+            out[a:a + len(x), v] = F.normalize(trunk(xv.contiguous(memory_format=torch.channels_last)).float(), dim=1)
+        if progress:
+            progress("teacher", min(a + batch, len(images)), len(images))
+    return out
+
+
+def finetune_trunk(cfg: FinetuneTrunkConfig, progress=None, log=None) -> dict:
+    """Tune the trunk from ``cfg.from_stage`` on; ``progress(stage, done, total)`` for "teacher" and "fine-tune"."""
+    with Processes(cfg.gpu) as procs:
+        return _finetune_trunk(cfg, procs, progress if procs.main else None, log if procs.main else None)
+
+
+def _finetune_trunk(cfg: FinetuneTrunkConfig, procs: Processes, progress, log) -> dict:
+    t0 = time.perf_counter()
+    validate(cfg)
+    device = procs.device
+    embedder = Embedder.load(None, cfg.weights, cfg.dict_path, device=device, block_threshold=cfg.block_threshold)
+    trunk, point = embedder.trunk, embedder.point
+    tuned = trunk.parameters_from(cfg.from_stage)
+    if not set(tuned) - set(trunk.head_parameters(point)):
+        raise BadInputError(f"--from-stage {cfg.from_stage} lies after the mask point {point}: that is the head alone "
+                            "(pdsn finetune --pairs)")
+    torch.manual_seed(cfg.seed)
+    faces = read_face_sets(cfg.faces, trunk.template, cfg.max_faces, cfg.seed)
+    teacher = teacher_embeddings(trunk, faces.image, device, progress)
+    student = Student(copy.deepcopy(trunk).eval().requires_grad_(False), point, cfg.from_stage)
+    params = dict(student.trunk.named_parameters())
+    trained = {n: params[n].requires_grad_(True) for n in tuned}
+    held = holdout_identities(faces.names, cfg.holdout, cfg.seed)
+    tr, ho = np.flatnonzero(~held), np.flatnonzero(held)
+    if len(tr) == 0:
+        raise BadInputError("no faces left to train on after the hold-out")
+    ids = {nm: k for k, nm in enumerate(sorted({faces.names[i] for i in tr}))}
+    label = torch.tensor([ids.get(nm, -1) for nm in faces.names], device=device)
+    trl = torch.as_tensor(tr, device=device)
+    centres = F.normalize(torch.zeros(len(ids), teacher.shape[2], device=device).index_add_(0, label[trl], teacher[trl, 0]), dim=1)
+    task = _TrunkTask(cfg, embedder, student, trained, faces, teacher, label, centres, tr, ho, procs, log)
+    before = task.held_out()
+    ckpt = Path(str(cfg.out) + ".ckpt")
+    settings = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "gpu", "resume")}
+    run = train(task, procs, Checkpoints(ckpt, CHECKPOINT_FORMAT, resume=cfg.resume, must_match=settings), progress,
+                stage="fine-tune")
+    _, best_epoch, state = task.best
+    if procs.main:
+        with atomic_output(cfg.out) as tmp:
+            shutil.copyfile(cfg.dict_path, tmp)
+            with h5py.File(tmp, "r+") as f:
+                if "head" in f:
+                    del f["head"]
+                g = f.create_group("head")
+                for k, v in state.items():
+                    g.create_dataset(k, data=v)
+                g.attrs.update(faces=str([str(p) for p in cfg.faces]), from_stage=cfg.from_stage, epochs=cfg.epochs,
+                               kept_epoch=best_epoch, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                               trunk_weights=str(cfg.weights or ""), identity_weight=cfg.identity_weight,
+                               objective="cosine distillation to the frozen clean embedding, occlusions drawn fresh"
+                               + (" + CosFace among the training identities" if task.use_id else ""))
+        fdm_mod.load(cfg.out)  # refuse to leave behind a file that does not load
+        ckpt.unlink(missing_ok=True)
+    procs.barrier()
+    return {
+        "out": str(cfg.out), "dictionary": str(cfg.dict_path), "trunk": trunk.name, "mask_point": point,
+        "from_stage": cfg.from_stage, "face_sets": faces.sets, "faces": len(faces.names),
+        "identities": len(set(faces.names)), "held_out_faces": int(len(ho)),
+        "held_out_identities": len({faces.names[i] for i in ho}),
+        "tuned_parameters": len(state), "tuned_parameter_count": int(sum(v.size for v in state.values())),
+        "epochs": cfg.epochs, "held_out_before": before, "history": task.history, "kept_epoch": best_epoch,
+        "distance_names": ["masked occluded", "masked clean", "unmasked clean"],
+        "train_loss_names": ["masked occluded", "masked clean", "unmasked clean"] + (["identity"] if task.use_id else []),
+        "identity_weight": cfg.identity_weight, "resumed_from": run.resumed_from,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
