@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdsn_cli.eval.benchmark import BenchmarkConfig, run_benchmark
-from pdsn_cli.data.chip_cache import DataSpec, export_chips
+from pdsn_cli.data.chip_cache import DataSpec, export_chips, set_names
 from pdsn_cli.data.lfw import write_training_identities
 from pdsn_cli.errors import BadInputError, check_training_options
 from pdsn_cli.pdsn.fdm import build
@@ -51,7 +51,7 @@ class PipelineConfig:
     tune: str = "head"
     #: epochs of that stage (None: 3 for the head, 4 for the trunk); 0 skips it
     finetune_epochs: int | None = None
-    #: more face sets (identity folders) the trunk is tuned on, next to the training identities
+    #: more training face sets (identity folders) for every stage, next to the training identities
     train_dirs: list[Path] = field(default_factory=list)
     occlusions: list[str] = field(default_factory=lambda: ["none", "sunglasses", "scarf", "block:12"])
     limit_pairs: int | None = None
@@ -80,8 +80,6 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
         raise BadInputError(f"--finetune-epochs must be ≥ 0, got {cfg.finetune_epochs}")
     if cfg.export_model is not None and not cfg.finetune_epochs:
         raise BadInputError("--export-model ships the fine-tuned head/trunk: --finetune-epochs must be ≥ 1")
-    if cfg.train_dirs and (cfg.tune != "trunk" or not cfg.finetune_epochs):
-        raise BadInputError("--train-dir feeds the trunk's fine-tuning: give --tune trunk")
     for d in cfg.train_dirs:
         if not Path(d).is_dir():
             raise BadInputError(f"--train-dir {d} is not a folder")
@@ -103,10 +101,21 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
             raise BadInputError(f"--data-dir {cfg.data_dir} has no pairs.txt: the pipeline evaluates on LFW View 2")
         identities = cfg.work / "train-identities.txt"
         write_training_identities(cfg.data_dir, identities)
+        train_ids = set(identities.read_text().split())
+    else:
+        train_ids = None
     stage = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
     data = DataSpec(cfg.data_dir, cfg.synthetic_identities, cfg.synthetic_images, synthetic_seed=0)
+    more = [DataSpec(Path(d)) for d in cfg.train_dirs]
+    if more:
+        # several face sets: identities are SET/IDENTITY, so the training list names the first set's people so
+        if identities is not None:
+            tag = set_names([data, *more])[0]
+            names = identities.read_text().split()
+            identities.write_text("".join(f"{tag}/{n}\n" for n in names))
+        data = [data, *more]
     n = (5 if cfg.finetune_epochs else 4) + (2 if cfg.export_model is not None else 0)
-    say(f"1/{n} make-pairs --block all on {data.describe()}")
+    say(f"1/{n} make-pairs --block all on {' + '.join(d.describe() for d in (data if more else [data]))}")
     pairs = make_pairs(MakePairsConfig(
         out=cfg.work / "pairs-blocks.h5", data=data, block="all", template=trunk.template,
         per_image=cfg.per_image, identities=identities, limit=cfg.train_limit, seed=cfg.seed, workers=cfg.workers,
@@ -136,15 +145,15 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
         ), progress=progress)
         dict_path = cfg.work / "dict-ft.h5"
     elif cfg.finetune_epochs:
-        sets = [(data, identities, "faces-train.h5")] + [
-            (DataSpec(Path(d)), None, f"faces-{k}-{Path(d).name}.h5") for k, d in enumerate(cfg.train_dirs, 1)]
-        say(f"4/{n} finetune the trunk ({cfg.finetune_epochs} epochs) on occluders drawn over {len(sets)} face set(s)")
+        specs = data if more else [data]
+        say(f"4/{n} finetune the trunk ({cfg.finetune_epochs} epochs) on occluders drawn over {len(specs)} face set(s)")
         faces = []
-        for spec, ids, name in sets:
-            # from the chip cache: faces aligned for the pairs are not aligned again
-            export_chips(spec, trunk.template, cfg.work / name, identities=ids, limit=cfg.train_limit,
-                         seed=cfg.seed, workers=cfg.workers, progress=stage("align"))
-            faces.append(cfg.work / name)
+        for k, (tag, spec) in enumerate(zip(set_names(specs), specs)):
+            # the first set is the training identities; from the chip cache: faces aligned for the pairs are not
+            # aligned again
+            faces.append(cfg.work / f"faces-{tag}.h5")
+            export_chips(spec, trunk.template, faces[-1], identities=train_ids if k == 0 else None,
+                         limit=cfg.train_limit, seed=cfg.seed, workers=cfg.workers, progress=stage("align"))
         tuned = finetune_trunk(FinetuneTrunkConfig(
             dict_path=dict_path, faces=faces, out=cfg.work / "dict-ft.h5", weights=cfg.weights,
             epochs=cfg.finetune_epochs, seed=cfg.seed, gpu=cfg.gpu), progress=progress)

@@ -399,3 +399,28 @@ def test_bad_files_in_an_identity_folder_are_skipped_and_listed(face_folder, tmp
     assert len(p) == res["images"] == n_good
     assert f"{person.name}/na\\xefve.jpg" in p.source
     assert not p.attrs["synthetic"] and p.attrs["data_root"] == str(root)
+
+
+def test_several_face_sets_keep_their_people_apart(face_folder, tmp_path):
+    """Two --data-dir sets (here the same people under two folder names): identities and sources are SET/…, an
+    --identities file filters the set its SET/IDENTITY lines name and leaves the other whole."""
+    import shutil
+
+    from pdsn_cli.data.chip_cache import DataSpec, set_names
+    from pdsn_cli.data.pairs_h5 import PairsFile
+
+    other = tmp_path / "more"
+    shutil.copytree(face_folder, other)
+    people = sorted(p.name for p in face_folder.iterdir())
+    ids = tmp_path / "ids.txt"
+    ids.write_text(f"people/{people[0]}\npeople/{people[1]}\n")
+    out = tmp_path / "two.h5"
+    res = make_pairs(MakePairsConfig(out=out, data=[DataSpec(face_folder), DataSpec(other)], occluder="scarf",
+                                     template="arc112x96", identities=ids))
+    assert set_names([DataSpec(face_folder), DataSpec(other)]) == ["people", "more"]
+    assert res["identities"] == 2 + len(people) and res["images"] == 2 * 3 + 3 * len(people)
+    assert " + " in res["data"]
+    with PairsFile(out) as pf:
+        names = set(pf.identity)
+        assert names == {f"people/{people[0]}", f"people/{people[1]}"} | {f"more/{p}" for p in people}
+        assert all(s.split("/")[0] in ("people", "more") for s in pf.chip_source)

@@ -60,3 +60,21 @@ def test_pipeline_exports_a_model_that_verify_and_benchmark_can_use(tmp_path, ti
     r = CliRunner().invoke(app, ["pipeline", "--trunk", "tiny", "--weights", tiny_weights, "--work", str(tmp_path / "w3"),
                                  "--finetune-epochs", "0", "--export-model", str(tmp_path / "m2")])
     assert r.exit_code == 2 and "--finetune-epochs must be ≥ 1" in r.output
+
+
+def test_pipeline_tunes_the_trunk_on_every_training_set(tmp_path, tiny_weights, face_folder):
+    """--tune trunk with --train-dir: the pairs hold both sets' people apart, the trunk is tuned on both, the
+    benchmark's PDSN rows run the tuned trunk."""
+    work, js = tmp_path / "work", tmp_path / "p.json"
+    r = CliRunner().invoke(app, ["pipeline", "--trunk", "tiny", "--weights", tiny_weights, "--work", str(work),
+                                 "--train-limit", "6", "--epochs", "1", "--tune", "trunk", "--finetune-epochs", "1",
+                                 "--train-dir", str(face_folder), "--occluder", "scarf", "--json", str(js), "--quiet"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(js.read_text())
+    assert res["finetune"]["face_sets"] == ["faces-synthetic", "faces-people"] and res["finetune"]["faces"] == 12
+    assert res["benchmark"]["finetuned_trunk"]
+    with h5py.File(work / "pairs-blocks.h5") as f:
+        sets = {s.decode().split("/")[0] if isinstance(s, bytes) else s.split("/")[0] for s in f["identity"][()]}
+    assert sets == {"synthetic", "people"}
+    r = CliRunner().invoke(app, ["pipeline", "--work", str(tmp_path / "w2"), "--tune", "everything"])
+    assert r.exit_code == 2 and "--tune" in r.output

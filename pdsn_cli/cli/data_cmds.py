@@ -33,6 +33,8 @@ PREVIEW_PAIRS = 16  # (clean, occluded) pairs on the --preview sheet: two rows o
     pdsn make-pairs --block all --data-dir ../shared/data/lfw --identities train_ids.txt --out blocks.h5   # needs LFW
 
     pdsn make-pairs --occluder random --per-image 4 --preview sheet.png --out random.h5
+
+    pdsn make-pairs --occluder random --data-dir ../shared/data/lfw --data-dir ../shared/data/celeba-faces --identities lfw/train_ids.txt --out random.h5   # needs LFW and celeba-faces
 """)
 def make_pairs_cmd(
     out_path: Optional[Path] = typer.Option(None, "--out", help=f"Output HDF5 file, written atomically (default: {shown_default('pairs-OCCLUDER.h5')}, or pairs-blocks.h5 / pairs-blockJ.h5 with --block)."),
@@ -41,9 +43,9 @@ def make_pairs_cmd(
     grid: int = typer.Option(5, "--grid", help="K of the K×K grid."),
     template: str = typer.Option("dlib150", "--template", help="dlib150 | arc112x96 | arc112x112"),
     per_image: int = typer.Option(1, "--per-image", help="Pairs per source image (per block with --block all)."),
-    data_dir: Optional[Path] = DATA_DIR,
-    identities: Optional[Path] = typer.Option(None, "--identities", help="File with one identity per line: use only these."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use a seeded sample of N images."),
+    data_dir: Optional[list[Path]] = typer.Option(None, "--data-dir", help="Identity-folder dataset: ROOT/IDENTITY/IMAGE (LFW, CASIA-WebFace, ...); repeatable: several face sets, their people kept apart as SET/IDENTITY (SET: the folder's name). Default: built-in synthetic faces."),
+    identities: Optional[Path] = typer.Option(None, "--identities", help="File with one identity per line: use only these (with several --data-dir: SET/IDENTITY lines; a set no line names is used whole)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use a seeded sample of N images (per face set)."),
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(1, "--workers", help="Processes for alignment and occlusion."),
     append: bool = typer.Option(False, "--append", help="Add rows to an existing pairs file with the same schema."),
@@ -59,7 +61,8 @@ def make_pairs_cmd(
     tag = occluder or ("random" if block is None else "blocks" if block == "all" else f"block{block}")
     out_path = default_path(out_path, f"pairs-{tag}.h5")
     cfg = MakePairsConfig(
-        out=out_path, data=data_spec(data_dir, synthetic_identities, synthetic_images), occluder=occluder,
+        out=out_path, data=[data_spec(d, synthetic_identities, synthetic_images) for d in data_dir] if data_dir
+        else data_spec(None, synthetic_identities, synthetic_images), occluder=occluder,
         block=block, grid=grid, template=template, per_image=per_image, identities=identities, limit=limit,
         seed=seed, workers=workers, append=append, resume=resume, store_occluded=store_occluded,
     )

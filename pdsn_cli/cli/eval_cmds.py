@@ -246,7 +246,7 @@ def pipeline_cmd(
     tau: float = typer.Option(0.25, "--tau"),
     tune: str = typer.Option("head", "--tune", help="What pdsn finetune tunes on masked features: head (after the mask point, on the block and random-occluder pairs) or trunk (the whole trunk, occluders drawn fresh over the training faces and every --train-dir)."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="Epochs of pdsn finetune (default: 3 for the head, 4 for the trunk); 0 skips that stage."),
-    train_dir: Optional[list[Path]] = typer.Option(None, "--train-dir", help="With --tune trunk: another face set (identity folders) to tune on, its people kept apart from the others (repeatable)."),
+    train_dir: Optional[list[Path]] = typer.Option(None, "--train-dir", help="Another training face set (identity folders) for every stage — pairs, dictionary, fine-tune, detector — its people kept apart from the others (repeatable)."),
     occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="Benchmark occlusions (default: none, sunglasses, scarf, block:12)."),
     limit_pairs: Optional[int] = typer.Option(None, "--limit-pairs"),
     seed: int = typer.Option(0, "--seed"),

@@ -463,6 +463,39 @@ def load_chips(
     return chips, rep
 
 
+def set_names(specs: list[DataSpec]) -> list[str]:
+    """The name of each face set: its folder's name (numbered when two are alike; ``synthetic`` for the built-in)."""
+    names: list[str] = []
+    for k, spec in enumerate(specs):
+        name = "synthetic" if spec.synthetic else Path(spec.root).name
+        names.append(name if name not in names else f"{name}-{k}")
+    return names
+
+
+def load_face_sets(specs: list[DataSpec], template: str, identities: set[str] | None = None, limit: int | None = None,
+                   seed: int = 0, workers: int = 1, cache_dir: Path | None = None,
+                   progress=None) -> tuple[Chips, AlignReport]:
+    """``load_chips`` over several face sets, as one set whose people stay apart: with more than one set, every
+    identity is ``<set>/<identity>`` (and every source ``<set>/<source>``). ``identities`` then filters the sets its
+    ``<set>/<identity>`` lines name; a set no line names is used whole. ``limit``: per set."""
+    if len(specs) == 1:
+        return load_chips(specs[0], template, identities, limit, seed, workers, cache_dir, progress)
+    parts, total = [], AlignReport()
+    for tag, spec in zip(set_names(specs), specs):
+        mine = None if identities is None else {n[len(tag) + 1:] for n in identities if n.startswith(tag + "/")}
+        chips, rep = load_chips(spec, template, mine or None, limit, seed, workers, cache_dir, progress)
+        parts.append((tag, chips))
+        for name in ("images", "aligned_now", "from_cache", "fallbacks", "several_faces", "from_landmark_files"):
+            setattr(total, name, getattr(total, name) + getattr(rep, name))
+        total.skipped += rep.skipped
+        total.warnings += [f"{tag}: {w}" for w in rep.warnings]
+    return chips_from_arrays(
+        np.concatenate([c.image for _, c in parts]), np.concatenate([c.landmarks for _, c in parts]),
+        [f"{tag}/{c.identity[k]}" for tag, c in parts for k in c.label],
+        [f"{tag}/{src}" for tag, c in parts for src in c.source],
+        np.concatenate([c.aligned_by for _, c in parts]), template, all(c.synthetic for _, c in parts)), total
+
+
 def missing_identities_warning(identities: set[str] | None, found: set[str], shown: int = 10) -> list[str]:
     """``--identities`` names with no image in the data (a typo, another dataset's list): worth a warning."""
     missing = sorted((identities or set()) - found)

@@ -24,7 +24,7 @@ import numpy as np
 
 from pdsn_cli.data import pairs_h5
 from pdsn_cli.atomic import atomic_output, check_resumable, check_writable, interrupt_between_steps, partial_path
-from pdsn_cli.data.chip_cache import DataSpec, load_chips
+from pdsn_cli.data.chip_cache import DataSpec, load_face_sets
 from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.data.faces import read_identity_list
 from pdsn_cli.data.h5util import open_for_writing, read_strings
@@ -39,7 +39,8 @@ CHUNK = 256
 @dataclass
 class MakePairsConfig:
     out: Path
-    data: DataSpec = field(default_factory=DataSpec)
+    #: one face set, or several (their people kept apart: pdsn_cli.data.chip_cache.load_face_sets)
+    data: DataSpec | list[DataSpec] = field(default_factory=DataSpec)
     occluder: str | None = None  # an occluder kind; None with block set
     block: str | None = None  # "all" or an int as text
     grid: int = 5
@@ -135,8 +136,9 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
     specs = validate(cfg)
     idents = read_identity_list(cfg.identities) if cfg.identities else None
     t0 = time.perf_counter()
-    chips, rep = load_chips(cfg.data, cfg.template, idents, cfg.limit, cfg.seed, cfg.workers,
-                            cfg.cache_dir, progress=align_progress)
+    sets = cfg.data if isinstance(cfg.data, list) else [cfg.data]
+    chips, rep = load_face_sets(sets, cfg.template, idents, cfg.limit, cfg.seed, cfg.workers,
+                                cfg.cache_dir, progress=align_progress)
     t_align = time.perf_counter() - t0
     _CHIPS = chips
     jobs = [(i, i * cfg.per_image + k, kind, j) for i in range(len(chips)) for k in range(cfg.per_image)
@@ -145,7 +147,7 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
         occluder=cfg.occluder or ("block" if cfg.block is not None else "random"),
         block_spec=str(cfg.block) if cfg.block is not None else "",
         seed=cfg.seed, per_image=cfg.per_image, synthetic=chips.synthetic,
-        data_root=cfg.data.describe(),
+        data_root=" + ".join(d.describe() for d in sets),
     )
     h, w = chips.image.shape[1:3]
     tmp = partial_path(cfg.out)
@@ -205,7 +207,7 @@ def make_pairs(cfg: MakePairsConfig, progress=None, align_progress=None) -> dict
     secs = time.perf_counter() - t1
     return Result({
         "out": str(cfg.out),
-        "data": cfg.data.describe(),
+        "data": " + ".join(d.describe() for d in sets),
         "synthetic": chips.synthetic,
         "template": cfg.template,
         "grid": cfg.grid,
