@@ -159,7 +159,7 @@ def finetune_cmd(
     block_threshold: float = typer.Option(0.25, "--block-threshold", help="Block occupancy from which a block counts as occluded."),
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="--pairs: a seeded sample of at most N pairs per file."),
     max_faces: Optional[int] = typer.Option(None, "--max-faces", help="--faces: a seeded sample of at most N faces per set."),
-    identity_weight: Optional[float] = typer.Option(None, "--identity-weight", help="Weight of a CosFace term classifying the masked embeddings among the training identities (default: 0 with --pairs, 0.5 with --faces)."),
+    identity_weight: float = typer.Option(0.0, "--identity-weight", help="Weight of a CosFace term classifying the masked embeddings among the training identities (0: distillation only)."),
     degrade: float = typer.Option(0.3, "--degrade", help="--faces: probability of a greyscale and of a low-resolution face."),
     clean_share: float = typer.Option(0.15, "--clean-share", help="--faces: share of faces left unoccluded."),
     occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="--faces: occluder kinds drawn (repeatable; default: every kind)."),
@@ -182,7 +182,7 @@ def finetune_cmd(
         cfg = FinetuneTrunkConfig(
             dict_path=dict_path, faces=list(faces), out=out_file, weights=weights, from_stage=from_stage,
             epochs=4 if epochs is None else epochs, lr=3e-5 if lr is None else lr, batch_size=batch_size,
-            block_threshold=block_threshold, identity_weight=0.5 if identity_weight is None else identity_weight,
+            block_threshold=block_threshold, identity_weight=identity_weight,
             clean_share=clean_share, degrade=degrade, occluders=list(occluder or DRAWN), max_faces=max_faces,
             seed=seed, gpu=gpu, resume=resume)
         res = run_training(finetune_trunk, cfg, quiet, json_path,
@@ -197,7 +197,7 @@ def finetune_cmd(
         cfg = FinetuneConfig(dict_path=dict_path, pairs=list(pairs), out=out_file, weights=weights,
                              epochs=8 if epochs is None else epochs, lr=1e-4 if lr is None else lr,
                              batch_size=batch_size, block_threshold=block_threshold, max_pairs=max_pairs, seed=seed,
-                             gpu=gpu, identity_weight=identity_weight or 0.0, resume=resume)
+                             gpu=gpu, identity_weight=identity_weight, resume=resume)
         res = run_training(finetune, cfg, quiet, json_path,
                            {"--dict": dict_path, "--pairs": cfg.pairs, "--weights": weights}, {"--out": out_file})
         if res is None:  # a torchrun rank other than 0
