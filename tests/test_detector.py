@@ -391,3 +391,25 @@ def test_degrade_makes_grey_low_resolution_chips_and_keeps_the_targets():
     assert xd.diff(dim=3).abs().mean() < 0.5 * x.diff(dim=3).abs().mean()  # smoothed: fewer fine details
     flipped = ~torch.isclose(yd, y).all(dim=(1, 2))
     assert torch.equal(yd[flipped], y[flipped].flip(2))  # only the flip touches the targets
+
+
+def test_detector_trains_on_face_sets_without_pairs_files(tmp_path):
+    """--faces: occluders drawn on the faces themselves (seeded: the same draws on a rerun), each face once clean;
+    with pairs files too, both are learnt."""
+    from pdsn_cli.data.chip_cache import DataSpec, export_chips
+    from pdsn_cli.data.face_sets import read_face_sets
+    from pdsn_cli.train.detector import draw_detector_data
+
+    faces = tmp_path / "faces.h5"
+    export_chips(DataSpec(None, 4, 3), "dlib150", faces)
+    fs = read_face_sets([faces], None, None, 0)
+    a = draw_detector_data(fs, 5, (80, 80), 2, seed=3)
+    b = draw_detector_data(fs, 5, (80, 80), 2, seed=3)
+    assert len(a.images) == 36 and int(a.clean.sum()) == 12 and np.array_equal(a.images, b.images)
+    assert a.blocks[a.clean].sum() == 0 and (a.blocks[~a.clean].reshape(24, -1).max(1) > 0).all()
+    assert a.source[0] == a.source[2] and a.source[0].startswith("faces/")
+    res = train_detector(TrainDetectorConfig(pairs=[], faces=[faces], per_face=2, out=tmp_path / "d.pt", epochs=1,
+                                             batch_size=8))
+    assert res["template"] == "dlib150" and res["train_chips"]["clean"] + res["val_chips"]["clean"] == 12
+    with pytest.raises(BadInputError, match="--faces"):
+        train_detector(TrainDetectorConfig(pairs=[], out=tmp_path / "e.pt"))

@@ -15,7 +15,8 @@ from pdsn_cli.errors import BadInputError, SchemaError
 from pdsn_cli.eval.benchmark import BenchmarkConfig, run_benchmark
 from pdsn_cli.pdsn import fdm
 from pdsn_cli.pdsn.embedder import Embedder, TwinFeatures
-from pdsn_cli.train.finetune_trunk import FinetuneTrunkConfig, Student, finetune_trunk, read_face_sets
+from pdsn_cli.data.face_sets import read_face_sets
+from pdsn_cli.train.finetune_trunk import FinetuneTrunkConfig, Student, finetune_trunk
 from pdsn_cli.trunks import build_trunk
 
 

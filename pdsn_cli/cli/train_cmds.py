@@ -19,7 +19,8 @@ from pdsn_cli.report.plots import plot_dict
 from pdsn_cli.train.blocks import TrainBlockConfig, train_blocks
 from pdsn_cli.train.detector import TrainDetectorConfig, train_detector
 from pdsn_cli.train.finetune import FinetuneConfig, finetune
-from pdsn_cli.train.finetune_trunk import DRAWN, FinetuneTrunkConfig, finetune_trunk
+from pdsn_cli.occlusion.occluders import DRAWN
+from pdsn_cli.train.finetune_trunk import FinetuneTrunkConfig, finetune_trunk
 from pdsn_cli.train.trunk import CHECKPOINT_NAME, TRUNK_NAME, TrainTrunkConfig, train_trunk
 
 
@@ -267,11 +268,17 @@ def train_trunk_cmd(
 
     pdsn train-detector --pairs lfw-random.h5 --pairs lfw-blocks.h5 --epochs 12 --out detector.pt   # needs LFW pairs
 
+    pdsn align --out faces.h5 && pdsn train-detector --faces faces.h5 --per-face 2 --epochs 2
+
+    pdsn train-detector --pairs lfw-blocks.h5 --faces celeba.h5 --faces lfw-train.h5 --out detector.pt   # needs LFW pairs and aligned face sets
+
 Train on pairs made from the same kind of faces the detector will screen: a detector trained on synthetic
 faces alone flags many clean blocks of real photos; real (or mixed real + synthetic) pairs work on both.
 """)
 def train_detector_cmd(
-    pairs: list[Path] = typer.Option(..., "--pairs", help="Pairs files from make-pairs (repeatable)."),
+    pairs: Optional[list[Path]] = typer.Option(None, "--pairs", help="Pairs files from make-pairs (repeatable)."),
+    faces: Optional[list[Path]] = typer.Option(None, "--faces", help="Face sets, chips files of pdsn align (repeatable): occluders of every kind drawn here on each face, no pairs file needed."),
+    per_face: int = typer.Option(4, "--per-face", help="--faces: occluded copies drawn per face (each face also serves once clean)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help=f"Detector checkpoint (default: {shown_default('detector.pt')})."),
     epochs: int = typer.Option(12, "--epochs"),
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -287,10 +294,11 @@ def train_detector_cmd(
 ):
     """Train the occlusion detector: K×K block occupancy of one aligned chip, for PDSN at test time."""
     out_path = default_path(out_path, "detector.pt")
-    cfg = TrainDetectorConfig(pairs=list(pairs), out=out_path, epochs=epochs, batch_size=batch_size, lr=lr,
-                              seed=seed, val_fraction=val_fraction, threshold=threshold, gpu=gpu, resume=resume,
-                              degrade=degrade)
-    res = run_training(train_detector, cfg, quiet, json_path, {"--pairs": cfg.pairs}, {"--out": out_path})
+    cfg = TrainDetectorConfig(pairs=list(pairs or []), faces=list(faces or []), per_face=per_face, out=out_path,
+                              epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
+                              threshold=threshold, gpu=gpu, resume=resume, degrade=degrade)
+    res = run_training(train_detector, cfg, quiet, json_path, {"--pairs": cfg.pairs, "--faces": cfg.faces},
+                       {"--out": out_path})
     if res is None:  # a torchrun rank other than 0
         return
 

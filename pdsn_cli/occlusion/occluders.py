@@ -50,6 +50,8 @@ OCCLUDERS = ("block", "sunglasses", "eyeglasses", "scarf", "mask", "hand", "phon
 #: what ``random`` draws from: ``square`` (a benchmark occluder, black 2×2 blocks) stays out, so seeded random
 #: pair files keep the mix they had before it existed
 RANDOM_KINDS = ("block", "sunglasses", "eyeglasses", "scarf", "mask", "hand", "phone", "cup", "book")
+#: every kind a trainer drawing its own occlusions draws from (``random`` is their mix, so it is not listed again)
+DRAWN = tuple(k for k in OCCLUDERS if k != "random")
 ANATOMICAL = ("sunglasses", "eyeglasses", "scarf", "mask")
 OBJECTS = ("hand", "phone", "cup", "book")
 SPRITE_KINDS = ANATOMICAL + OBJECTS

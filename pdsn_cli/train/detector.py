@@ -27,8 +27,10 @@ from torch import nn
 
 from pdsn_cli.atomic import check_resumable, check_writable
 from pdsn_cli.data import pairs_h5
+from pdsn_cli.data.face_sets import FaceSets, read_face_sets
 from pdsn_cli.device import seed_everything
 from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
+from pdsn_cli.occlusion.occluders import DRAWN, occlude
 from pdsn_cli.pdsn.detector import DetectorNet, OcclusionDetector, resize_chips, to_tensor
 from pdsn_cli.train import augment
 from pdsn_cli.train.loop import Checkpoints, Processes, Task, steps_per_epoch, train
@@ -45,6 +47,12 @@ READ_CHUNK = 1024
 class TrainDetectorConfig:
     pairs: list[Path]
     out: Path
+    #: face sets (chips files of pdsn align) whose faces get occluders drawn here, no pairs file needed
+    faces: list[Path] = dataclasses.field(default_factory=list)
+    #: occluded copies drawn per face of ``faces`` (each face also serves once as a clean negative)
+    per_face: int = 4
+    #: K of the K×K grid learnt from ``faces`` alone (with pairs files: theirs)
+    grid: int = 5
     epochs: int = 12
     batch_size: int = 64
     lr: float = 3e-3
@@ -70,6 +78,7 @@ class TrainDetectorConfig:
     def plain(self) -> dict:
         d = dataclasses.asdict(self)
         d["pairs"] = [str(p) for p in self.pairs]
+        d["faces"] = [str(p) for p in self.faces]
         d["out"] = str(self.out)
         d["input_size"] = [int(v) for v in self.input_size]
         del d["resume"]  # how the run was started, not what it trains (saved with the detector)
@@ -147,6 +156,41 @@ def read_detector_data(paths: list[Path], input_size: tuple[int, int], progress=
     )
 
 
+def draw_detector_data(faces: FaceSets, grid: int, input_size: tuple[int, int], per_face: int, seed: int,
+                       progress=None) -> DetectorData:
+    """Training chips drawn from face sets: each face once clean (a negative) and ``per_face`` times under an
+    occluder of any kind (seeded per face, so a rerun draws the same), resized."""
+    h, w = faces.image.shape[1:3]
+    n = len(faces)
+    images = np.empty((n * (per_face + 1), *input_size, 3), np.uint8)
+    blocks = np.zeros((len(images), grid, grid), np.float32)
+    clean = np.zeros(len(images), bool)
+    kinds, sources = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 4, i])
+        chip, lm = faces.image[i], faces.landmarks[i]
+        drawn = [occlude(chip, lm, DRAWN[rng.integers(len(DRAWN))], rng, grid=grid) for _ in range(per_face)]
+        at = i * (per_face + 1)
+        images[at:at + per_face + 1] = resize_chips(np.stack([chip] + [o.image for o in drawn]), input_size)
+        clean[at] = True
+        blocks[at + 1:at + per_face + 1] = np.stack([o.blocks for o in drawn])
+        kinds += ["clean"] + [o.kind for o in drawn]
+        sources += [faces.sources[i]] * (per_face + 1)
+        if progress and (i % 256 == 0 or i == n - 1):
+            progress(i + 1, n)
+    return DetectorData(images=images, blocks=blocks, clean=clean, kind=kinds, source=sources, grid=grid,
+                        template=faces.template, chip_size=(h, w))
+
+
+def _concat(a: DetectorData, b: DetectorData) -> DetectorData:
+    if (a.grid, a.template, a.chip_size) != (b.grid, b.template, b.chip_size):
+        raise SchemaError(f"the pairs files are grid {a.grid}, {a.template} {a.chip_size[0]}×{a.chip_size[1]}; the "
+                          f"face sets {b.grid}, {b.template} {b.chip_size[0]}×{b.chip_size[1]}: a detector learns one")
+    return DetectorData(np.concatenate([a.images, b.images]), np.concatenate([a.blocks, b.blocks]),
+                        np.concatenate([a.clean, b.clean]), a.kind + b.kind, a.source + b.source, a.grid, a.template,
+                        a.chip_size)
+
+
 def _prf(tp: int, fp: int, fn: int) -> dict:
     """None where a ratio has nothing to count (no flagged blocks: no precision)."""
     p = tp / (tp + fp) if tp + fp else None
@@ -184,18 +228,20 @@ def block_metrics(pred: np.ndarray, truth: np.ndarray, clean: np.ndarray, kinds:
 
 
 def validate(cfg: TrainDetectorConfig) -> None:
-    if not cfg.pairs:
-        raise BadInputError("give at least one pairs file")
+    if not cfg.pairs and not cfg.faces:
+        raise BadInputError("give at least one pairs file (--pairs) or face set (--faces)")
+    if cfg.per_face < 1:
+        raise BadInputError(f"--per-face must be ≥ 1, got {cfg.per_face}")
     check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, width=cfg.width, lr=cfg.lr,
                            val_fraction=cfg.val_fraction)
     if not 0.0 < cfg.threshold < 1.0:
         raise BadInputError(f"--threshold must be in (0, 1), got {cfg.threshold}")
     if len(cfg.input_size) != 2:
         raise BadInputError(f"--input-size must be H W, got {cfg.input_size}")
-    for p in cfg.pairs:
+    for p in [*cfg.pairs, *cfg.faces]:
         if not Path(p).is_file():
-            raise BadInputError(f"no such pairs file: {p}")
-    grid = pairs_layout([Path(p) for p in cfg.pairs])[0][1]
+            raise BadInputError(f"no such {'pairs' if p in cfg.pairs else 'chips'} file: {p}")
+    grid = pairs_layout([Path(p) for p in cfg.pairs])[0][1] if cfg.pairs else cfg.grid
     if min(cfg.input_size) < 4 * grid:
         raise BadInputError(f"--input-size {cfg.input_size[0]}×{cfg.input_size[1]} is too small for a "
                             f"{grid}×{grid} grid (need ≥ {4 * grid} px a side)")
@@ -306,7 +352,12 @@ def _train_detector(cfg: TrainDetectorConfig, procs: Processes, progress) -> dic
     seed_everything(cfg.seed)
     input_size = (int(cfg.input_size[0]), int(cfg.input_size[1]))
     read_progress = (lambda d, n: progress("read", d, n)) if progress else None
-    data = read_detector_data([Path(p) for p in cfg.pairs], input_size, read_progress)
+    data = read_detector_data([Path(p) for p in cfg.pairs], input_size, read_progress) if cfg.pairs else None
+    if cfg.faces:
+        faces = read_face_sets([Path(p) for p in cfg.faces], data.template if data else None, None, cfg.seed)
+        drawn = draw_detector_data(faces, data.grid if data else cfg.grid, input_size, cfg.per_face, cfg.seed,
+                                   (lambda d, n: progress("draw", d, n)) if progress else None)
+        data = drawn if data is None else _concat(data, drawn)
     t_read = time.perf_counter() - t0
 
     is_val = split_by_source(data.source, cfg.val_fraction, cfg.seed)

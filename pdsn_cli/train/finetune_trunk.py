@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdsn_cli.atomic import atomic_output, check_distinct_paths, check_resumable, check_writable
-from pdsn_cli.data.chips_h5 import read_chips
+from pdsn_cli.data.face_sets import FaceSets, read_face_sets
 from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
-from pdsn_cli.occlusion.occluders import OCCLUDERS, occlude
+from pdsn_cli.occlusion.occluders import DRAWN, occlude
 from pdsn_cli.pdsn import fdm as fdm_mod
 from pdsn_cli.pdsn.embedder import Embedder
 from pdsn_cli.pdsn.fdm import mirror_blocks
@@ -47,8 +47,6 @@ from pdsn_cli.train.loop import Checkpoints, Processes, Task, steps_per_epoch, t
 from pdsn_cli.train.splits import holdout_identities
 
 CHECKPOINT_FORMAT = "pdsn-finetune-trunk"
-#: what is drawn on the faces: every occluder of the toolkit (``random`` is their mix, so it is not listed again)
-DRAWN = tuple(k for k in OCCLUDERS if k != "random")
 HELD_OUT_FACES = 512  # held-out faces scored after every epoch (fixed draws)
 
 
@@ -74,39 +72,6 @@ class FinetuneTrunkConfig:
     seed: int = 0
     gpu: int | None = None
     resume: bool = False
-
-
-@dataclass
-class FaceSets:
-    """The face sets' chips in memory, with identity names kept apart per set and each row's 5 landmarks."""
-
-    image: np.ndarray
-    landmarks: np.ndarray
-    names: list[str]
-    sets: list[str]
-    template: str
-
-
-def read_face_sets(paths: list[Path], template: str, max_faces: int | None, seed: int) -> FaceSets:
-    images, lms, names, sets = [], [], [], []
-    for k, path in enumerate(paths):
-        if not Path(path).is_file():
-            raise BadInputError(f"--faces {path} does not exist (make one with pdsn align)")
-        chips = read_chips(path)
-        if chips.template != template:
-            raise SchemaError(f"{path} holds {chips.template} chips, the trunk needs {template}")
-        sel = np.arange(len(chips))
-        if max_faces is not None and len(sel) > max_faces:
-            sel = np.sort(np.random.default_rng(seed).permutation(len(sel))[:max_faces])
-        # the set's name keeps its people apart from another set's: the file name, numbered if two are alike
-        tag = Path(path).stem if Path(path).stem not in sets else f"{Path(path).stem}-{k}"
-        sets.append(tag)
-        images.append(chips.image[sel])
-        lms.append(chips.landmarks[sel])
-        names += [f"{tag}/{chips.identity[j]}" for j in chips.label[sel]]
-    if not names:
-        raise BadInputError("the --faces files hold no faces")
-    return FaceSets(np.concatenate(images), np.concatenate(lms), names, sets, template)
 
 
 class Student(nn.Module):
