@@ -141,7 +141,82 @@ class _StudentHead(nn.Module):
         return [self.student.head(x, self.point) for x in features]
 
 
-class _FinetuneTask(Task):
+class TunedEpochs(Task):
+    """What both fine-tunes (head: this module; trunk: finetune_trunk) do the same way: Adam over the tuned
+    parameters, a seeded permutation of the training rows per epoch, and per epoch the training and held-out
+    distances, keeping the tuned state of the epoch whose held-out masked embeddings lie closest to their clean
+    ones. Subclasses set ``cfg``, ``trained`` (name → parameter), ``tuned_module`` (whose state dict holds them),
+    ``tr``, ``history`` = [], ``best`` = None, and write ``held_out``."""
+
+    def held_out(self) -> list[float]:
+        raise NotImplementedError
+
+    def optimizer(self):
+        return torch.optim.Adam(self.trained.values(), lr=self.cfg.lr)
+
+    def plan(self, epoch):
+        return torch.from_numpy(np.random.default_rng([self.cfg.seed, epoch]).permutation(self.tr))
+
+    def end_epoch(self, epoch, stats, world):
+        total = torch.zeros(stats.shape[1] - 1, dtype=stats.dtype)
+        for row in stats:  # in step order, as a running sum
+            total += row[1:]
+        train_d = (total / world / self.steps_per_epoch).tolist()
+        self.history.append({"epoch": epoch + 1, "train": [round(x, 5) for x in train_d], "held_out": self.held_out()})
+        if self.log:
+            self.log(self.history[-1])
+        # the state kept is that of the epoch whose held-out identities' masked embeddings lie closest to their
+        # clean ones: on LFW's training identities the head over-fits after 2-3 epochs (held-out distance rises)
+        score = sum(self.history[-1]["held_out"][:2]) if self.history[-1]["held_out"] else -epoch
+        if self.best is None or score < self.best[0]:
+            sd = self.tuned_module.state_dict()
+            self.best = (score, epoch + 1, {k: sd[k].detach().float().cpu().numpy().copy() for k in self.trained})
+
+    def state_dict(self):
+        best = None if self.best is None else [self.best[0], self.best[1],
+                                               {k: torch.from_numpy(v) for k, v in self.best[2].items()}]
+        return {"history": self.history, "best": best}
+
+    def load_state_dict(self, state):
+        self.history = list(state["history"])
+        b = state["best"]
+        self.best = None if b is None else (b[0], b[1], {k: v.numpy() for k, v in b[2].items()})
+
+
+def check_common(cfg) -> None:
+    """The checks both fine-tunes make before any work."""
+    check_writable(cfg.out)
+    check_resumable(cfg.out, str(cfg.out) + ".ckpt", cfg.resume)
+    check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, holdout=cfg.holdout)
+    if not cfg.identity_weight >= 0:
+        raise BadInputError(f"--identity-weight must be ≥ 0, got {cfg.identity_weight}")
+
+
+def identity_classes(names: list[str], tr: np.ndarray, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classes of the identity term: each row's label among the training identities (−1 for held-out ones) and
+    each class's normalised mean frozen clean embedding (``clean``: one per row)."""
+    ids = {nm: k for k, nm in enumerate(sorted({names[i] for i in tr}))}
+    label = torch.tensor([ids.get(nm, -1) for nm in names], device=clean.device)
+    trl = torch.as_tensor(tr, device=clean.device)
+    centres = torch.zeros(len(ids), clean.shape[1], device=clean.device).index_add_(0, label[trl], clean[trl].float())
+    return label, F.normalize(centres, dim=1)
+
+
+def write_tuned(dict_path: Path, out: Path, state: dict, **attrs) -> None:
+    """The dictionary ``dict_path`` again at ``out`` (atomically), its ``head`` group holding the tuned ``state``."""
+    with atomic_output(out) as tmp:
+        shutil.copyfile(dict_path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            if "head" in f:
+                del f["head"]
+            g = f.create_group("head")
+            for k, v in state.items():
+                g.create_dataset(k, data=v)
+            g.attrs.update(attrs)
+    fdm_mod.load(out)  # refuse to leave behind a file that does not load
+
+
+class _FinetuneTask(TunedEpochs):
     """One step: a batch of pairs, the three distillation distances (+ the identity term); the head kept is that
     of the epoch whose held-out distances are lowest. Under torchrun each process takes every WORLD_SIZE-th pair
     of the global batch."""
@@ -153,7 +228,7 @@ class _FinetuneTask(Task):
         # indexed by MI), the teacher's clean embedding of each source (T, indexed by CI as FC is)
         self.FC, self.CI, self.FO, self.M, self.MI, self.T = tensors
         self.label, self.centres, self.tr, self.ho = label, centres, tr, ho
-        self.model, self.modules = _StudentHead(student, point), {"student": student}
+        self.model, self.modules, self.tuned_module = _StudentHead(student, point), {"student": student}, student
         self.epochs, self.steps_per_epoch = cfg.epochs, steps_per_epoch(len(tr), cfg.batch_size, procs.world)
         self.use_id = cfg.identity_weight > 0
         self.history: list[dict] = []
@@ -181,42 +256,11 @@ class _FinetuneTask(Task):
         d = sum(self.distances(ho[a:a + 256]) * len(ho[a:a + 256]) for a in range(0, len(ho), 256)) / len(ho)
         return [round(float(x), 5) for x in d]
 
-    def optimizer(self):
-        return torch.optim.Adam(self.trained.values(), lr=self.cfg.lr)
-
-    def plan(self, epoch):
-        return torch.from_numpy(np.random.default_rng([self.cfg.seed, epoch]).permutation(self.tr))
-
     def step(self, model, plan, i):
         b, procs = self.cfg.batch_size, self.procs
         d = self.distances(plan[i * b:(i + 1) * b][procs.rank::procs.world], self.use_id, model)
         loss = d[:3].sum() + (self.cfg.identity_weight * d[3] if self.use_id else 0)
         return loss, torch.cat([loss.detach().view(1), d.detach()])
-
-    def end_epoch(self, epoch, stats, world):
-        total = torch.zeros(stats.shape[1] - 1, dtype=stats.dtype)
-        for row in stats:  # in step order, as a running sum
-            total += row[1:]
-        train_d = (total / world / self.steps_per_epoch).tolist()
-        self.history.append({"epoch": epoch + 1, "train": [round(x, 5) for x in train_d], "held_out": self.held_out()})
-        if self.log:
-            self.log(self.history[-1])
-        # the head kept is that of the epoch whose held-out identities' masked embeddings lie closest to their
-        # clean ones: on LFW's training identities it over-fits after 2-3 epochs (held-out distance rises again)
-        score = sum(self.history[-1]["held_out"][:2]) if self.history[-1]["held_out"] else -epoch
-        if self.best is None or score < self.best[0]:
-            self.best = (score, epoch + 1, {k: v.detach().float().cpu().numpy().copy()
-                                            for k, v in self.student.state_dict().items() if k in self.trained})
-
-    def state_dict(self):
-        best = None if self.best is None else [self.best[0], self.best[1],
-                                               {k: torch.from_numpy(v) for k, v in self.best[2].items()}]
-        return {"history": self.history, "best": best}
-
-    def load_state_dict(self, state):
-        self.history = list(state["history"])
-        b = state["best"]
-        self.best = None if b is None else (b[0], b[1], {k: v.numpy() for k, v in b[2].items()})
 
 
 def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
@@ -228,13 +272,9 @@ def finetune(cfg: FinetuneConfig, progress=None, log=None) -> dict:
 def _finetune(cfg: FinetuneConfig, procs: Processes, progress, log) -> dict:
     t0 = time.perf_counter()
     device = procs.device
-    check_writable(cfg.out)
-    check_resumable(cfg.out, str(cfg.out) + ".ckpt", cfg.resume)
+    check_common(cfg)
     if not cfg.pairs:
         raise BadInputError("give at least one --pairs file (pdsn make-pairs) to fine-tune on")
-    check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, holdout=cfg.holdout)
-    if not cfg.identity_weight >= 0:
-        raise BadInputError(f"--identity-weight must be ≥ 0, got {cfg.identity_weight}")
     check_distinct_paths({"--dict": cfg.dict_path, "--pairs": cfg.pairs, "--weights": cfg.weights}, {"--out": cfg.out})
     # the student starts from the trunk's own head (embedder.trunk), not from a head the dictionary may carry
     embedder = Embedder.load(None, cfg.weights, cfg.dict_path, device=device,
@@ -259,11 +299,7 @@ def _finetune(cfg: FinetuneConfig, procs: Processes, progress, log) -> dict:
     if len(tr) == 0:
         raise BadInputError("no pairs left to train on after the hold-out")
 
-    # classes of the identity term: the training identities, each its normalised mean clean embedding
-    ids = {nm: k for k, nm in enumerate(sorted({names[i] for i in tr}))}
-    label = torch.tensor([ids.get(nm, -1) for nm in names], device=device)
-    centres = torch.zeros(len(ids), T.shape[1], device=device).index_add_(0, label[tr], T[CI[tr]].float())
-    centres = F.normalize(centres, dim=1)
+    label, centres = identity_classes(names, tr, T[CI])
 
     task = _FinetuneTask(cfg, student, point, trained, (FC, CI, FO, M, MI, T), label, centres, tr, ho, procs, log)
     before = task.held_out()
@@ -274,20 +310,11 @@ def _finetune(cfg: FinetuneConfig, procs: Processes, progress, log) -> dict:
                 stage="fine-tune")
     _, best_epoch, state = task.best
     if procs.main:
-        with atomic_output(cfg.out) as tmp:
-            shutil.copyfile(cfg.dict_path, tmp)
-            with h5py.File(tmp, "r+") as f:
-                if "head" in f:
-                    del f["head"]
-                g = f.create_group("head")
-                for k, v in state.items():
-                    g.create_dataset(k, data=v)
-                g.attrs.update(pairs=str([str(p) for p in cfg.pairs]), epochs=cfg.epochs, kept_epoch=best_epoch,
-                               lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, trunk_weights=str(cfg.weights or ""),
-                               identity_weight=cfg.identity_weight,
-                               objective="cosine distillation to the frozen clean embedding"
-                               + (" + CosFace among the training identities" if use_id else ""))
-        fdm_mod.load(cfg.out)  # refuse to leave behind a file that does not load
+        write_tuned(cfg.dict_path, cfg.out, state, pairs=str([str(p) for p in cfg.pairs]), epochs=cfg.epochs,
+                    kept_epoch=best_epoch, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                    trunk_weights=str(cfg.weights or ""), identity_weight=cfg.identity_weight,
+                    objective="cosine distillation to the frozen clean embedding"
+                    + (" + CosFace among the training identities" if use_id else ""))
         ckpt.unlink(missing_ok=True)
     procs.barrier()
     return {

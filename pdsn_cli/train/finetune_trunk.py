@@ -23,27 +23,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdsn_cli.atomic import atomic_output, check_distinct_paths, check_resumable, check_writable
+from pdsn_cli.atomic import check_distinct_paths
 from pdsn_cli.data.face_sets import FaceSets, read_face_sets
-from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
+from pdsn_cli.errors import BadInputError
 from pdsn_cli.occlusion.occluders import DRAWN, occlude
-from pdsn_cli.pdsn import fdm as fdm_mod
 from pdsn_cli.pdsn.embedder import Embedder
 from pdsn_cli.pdsn.fdm import mirror_blocks
 from pdsn_cli.pdsn.mask_generator import cosface_logits
 from pdsn_cli.train import augment
-from pdsn_cli.train.loop import Checkpoints, Processes, Task, steps_per_epoch, train
+from pdsn_cli.train.finetune import TunedEpochs, check_common, identity_classes, write_tuned
+from pdsn_cli.train.loop import Checkpoints, Processes, steps_per_epoch, train
 from pdsn_cli.train.splits import holdout_identities
 
 CHECKPOINT_FORMAT = "pdsn-finetune-trunk"
@@ -95,14 +93,14 @@ class Student(nn.Module):
         return [t.head(z, self.point) for z in (fo * masks, fc * masks, fc)]
 
 
-class _TrunkTask(Task):
+class _TrunkTask(TunedEpochs):
     def __init__(self, cfg: FinetuneTrunkConfig, embedder: Embedder, student: Student, trained: dict,
                  faces: FaceSets, teacher: torch.Tensor, label: torch.Tensor, centres: torch.Tensor,
                  tr: np.ndarray, ho: np.ndarray, procs: Processes, log):
         self.cfg, self.embedder, self.student, self.trained = cfg, embedder, student, trained
         self.faces, self.T, self.label, self.centres, self.tr, self.ho = faces, teacher, label, centres, tr, ho
         self.procs, self.log, self.device = procs, log, procs.device
-        self.model, self.modules = student, {"student": student.trunk}
+        self.model, self.modules, self.tuned_module = student, {"student": student.trunk}, student.trunk
         self.epochs, self.steps_per_epoch = cfg.epochs, steps_per_epoch(len(tr), cfg.batch_size, procs.world)
         self.use_id = cfg.identity_weight > 0
         self.history: list[dict] = []
@@ -158,12 +156,6 @@ class _TrunkTask(Task):
             total += self.distances(self.student, part, np.random.default_rng([self.cfg.seed, 3, a]), False).cpu() * len(part)
         return [round(float(v), 5) for v in total / len(self.held)]
 
-    def optimizer(self):
-        return torch.optim.Adam(self.trained.values(), lr=self.cfg.lr)
-
-    def plan(self, epoch):
-        return torch.from_numpy(np.random.default_rng([self.cfg.seed, epoch]).permutation(self.tr))
-
     def step(self, model, plan, i):
         b, procs = self.cfg.batch_size, self.procs
         idx = plan[i * b:(i + 1) * b][procs.rank::procs.world].numpy()
@@ -173,38 +165,11 @@ class _TrunkTask(Task):
         loss = d[:3].sum() + (self.cfg.identity_weight * d[3] if self.use_id else 0)
         return loss, torch.cat([loss.detach().view(1), d.detach()])
 
-    def end_epoch(self, epoch, stats, world):
-        total = torch.zeros(stats.shape[1] - 1, dtype=stats.dtype)
-        for row in stats:
-            total += row[1:]
-        train_d = (total / world / self.steps_per_epoch).tolist()
-        self.history.append({"epoch": epoch + 1, "train": [round(x, 5) for x in train_d], "held_out": self.held_out()})
-        if self.log:
-            self.log(self.history[-1])
-        score = sum(self.history[-1]["held_out"][:2]) if self.history[-1]["held_out"] else -epoch
-        if self.best is None or score < self.best[0]:
-            sd = self.student.trunk.state_dict()
-            self.best = (score, epoch + 1, {k: sd[k].detach().float().cpu().numpy().copy() for k in self.trained})
-
-    def state_dict(self):
-        best = None if self.best is None else [self.best[0], self.best[1],
-                                               {k: torch.from_numpy(v) for k, v in self.best[2].items()}]
-        return {"history": self.history, "best": best}
-
-    def load_state_dict(self, state):
-        self.history = list(state["history"])
-        b = state["best"]
-        self.best = None if b is None else (b[0], b[1], {k: v.numpy() for k, v in b[2].items()})
-
 
 def validate(cfg: FinetuneTrunkConfig) -> None:
-    check_writable(cfg.out)
-    check_resumable(cfg.out, str(cfg.out) + ".ckpt", cfg.resume)
+    check_common(cfg)
     if not cfg.faces:
         raise BadInputError("give at least one --faces file (pdsn align) to fine-tune on")
-    check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, holdout=cfg.holdout)
-    if not cfg.identity_weight >= 0:
-        raise BadInputError(f"--identity-weight must be ≥ 0, got {cfg.identity_weight}")
     for name, v in (("--clean-share", cfg.clean_share), ("--degrade", cfg.degrade)):
         if not 0.0 <= v <= 1.0:
             raise BadInputError(f"{name} is a probability in [0, 1], got {v}")
@@ -253,10 +218,7 @@ def _finetune_trunk(cfg: FinetuneTrunkConfig, procs: Processes, progress, log) -
     tr, ho = np.flatnonzero(~held), np.flatnonzero(held)
     if len(tr) == 0:
         raise BadInputError("no faces left to train on after the hold-out")
-    ids = {nm: k for k, nm in enumerate(sorted({faces.names[i] for i in tr}))}
-    label = torch.tensor([ids.get(nm, -1) for nm in faces.names], device=device)
-    trl = torch.as_tensor(tr, device=device)
-    centres = F.normalize(torch.zeros(len(ids), teacher.shape[2], device=device).index_add_(0, label[trl], teacher[trl, 0]), dim=1)
+    label, centres = identity_classes(faces.names, tr, teacher[:, 0])
     task = _TrunkTask(cfg, embedder, student, trained, faces, teacher, label, centres, tr, ho, procs, log)
     before = task.held_out()
     ckpt = Path(str(cfg.out) + ".ckpt")
@@ -265,20 +227,11 @@ def _finetune_trunk(cfg: FinetuneTrunkConfig, procs: Processes, progress, log) -
                 stage="fine-tune")
     _, best_epoch, state = task.best
     if procs.main:
-        with atomic_output(cfg.out) as tmp:
-            shutil.copyfile(cfg.dict_path, tmp)
-            with h5py.File(tmp, "r+") as f:
-                if "head" in f:
-                    del f["head"]
-                g = f.create_group("head")
-                for k, v in state.items():
-                    g.create_dataset(k, data=v)
-                g.attrs.update(faces=str([str(p) for p in cfg.faces]), from_stage=cfg.from_stage, epochs=cfg.epochs,
-                               kept_epoch=best_epoch, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                               trunk_weights=str(cfg.weights or ""), identity_weight=cfg.identity_weight,
-                               objective="cosine distillation to the frozen clean embedding, occlusions drawn fresh"
-                               + (" + CosFace among the training identities" if task.use_id else ""))
-        fdm_mod.load(cfg.out)  # refuse to leave behind a file that does not load
+        write_tuned(cfg.dict_path, cfg.out, state, faces=str([str(p) for p in cfg.faces]), from_stage=cfg.from_stage,
+                    epochs=cfg.epochs, kept_epoch=best_epoch, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                    trunk_weights=str(cfg.weights or ""), identity_weight=cfg.identity_weight,
+                    objective="cosine distillation to the frozen clean embedding, occlusions drawn fresh"
+                    + (" + CosFace among the training identities" if task.use_id else ""))
         ckpt.unlink(missing_ok=True)
     procs.barrier()
     return {
