@@ -146,3 +146,14 @@ def test_cli_runs_the_trunk_mode(fdm_dict, face_sets, tiny_weights, tmp_path):
     res = json.loads(js.read_text())
     assert res["face_sets"] == ["a", "b"] and res["faces"] == 21 and out.exists()
     assert "from stem" in r.output
+
+
+def test_the_relation_term_is_trained_and_reported(fdm_dict, face_sets, tiny_weights, tmp_path):
+    res = finetune_trunk(FinetuneTrunkConfig(dict_path=fdm_dict, faces=[face_sets[0]], out=tmp_path / "r.h5",
+                                             weights=tiny_weights, epochs=1, batch_size=8, holdout=0.3,
+                                             relation_weight=10.0))
+    assert res["train_loss_names"][-1] == "relation" and len(res["history"][0]["train"]) == 4
+    assert len(res["history"][0]["held_out"]) == 3  # the held-out score stays the three distances
+    with pytest.raises(BadInputError, match="relation"):
+        finetune_trunk(FinetuneTrunkConfig(dict_path=fdm_dict, faces=[face_sets[0]], out=tmp_path / "s.h5",
+                                           weights=tiny_weights, relation_weight=-1.0))

@@ -161,6 +161,7 @@ def finetune_cmd(
     max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="--pairs: a seeded sample of at most N pairs per file."),
     max_faces: Optional[int] = typer.Option(None, "--max-faces", help="--faces: a seeded sample of at most N faces per set."),
     identity_weight: float = typer.Option(0.0, "--identity-weight", help="Weight of a CosFace term classifying the masked embeddings among the training identities (0: distillation only)."),
+    relation_weight: float = typer.Option(0.0, "--relation-weight", help="--faces: weight of a term keeping the cosines between different faces as the frozen trunk has them (impostors apart)."),
     degrade: float = typer.Option(0.3, "--degrade", help="--faces: probability of a greyscale and of a low-resolution face."),
     clean_share: float = typer.Option(0.15, "--clean-share", help="--faces: share of faces left unoccluded."),
     occluder: Optional[list[str]] = typer.Option(None, "--occluder", help="--faces: occluder kinds drawn (repeatable; default: every kind)."),
@@ -177,13 +178,15 @@ def finetune_cmd(
             raise BadInputError("give --pairs (tune the head) or --faces (tune the trunk), one of the two")
         if faces and max_pairs is not None or pairs and max_faces is not None:
             raise BadInputError("--max-pairs goes with --pairs, --max-faces with --faces")
+        if pairs and relation_weight:
+            raise BadInputError("--relation-weight goes with --faces")
     dict_path, out_file = dict_path or work_dir() / "dict.h5", default_path(out_path, "dict-ft.h5")
     fmt = lambda d: " / ".join(f"{x:.4f}" for x in d) if d else "n/a"  # noqa: E731
     if faces:
         cfg = FinetuneTrunkConfig(
             dict_path=dict_path, faces=list(faces), out=out_file, weights=weights, from_stage=from_stage,
             epochs=4 if epochs is None else epochs, lr=3e-5 if lr is None else lr, batch_size=batch_size,
-            block_threshold=block_threshold, identity_weight=identity_weight,
+            block_threshold=block_threshold, identity_weight=identity_weight, relation_weight=relation_weight,
             clean_share=clean_share, degrade=degrade, occluders=list(occluder or DRAWN), max_faces=max_faces,
             seed=seed, gpu=gpu, resume=resume)
         res = run_training(finetune_trunk, cfg, quiet, json_path,

@@ -62,6 +62,8 @@ class FinetuneTrunkConfig:
     block_threshold: float = 0.25
     #: 0: distillation only (measured better on held-out identities and no worse on AR than 0.5: docs/experiments.md)
     identity_weight: float = 0.0
+    #: weight of the squared difference between the student's and the teacher's cosines of different faces
+    relation_weight: float = 0.0
     clean_share: float = 0.15  # faces of a batch left unoccluded
     degrade: float = 0.3  # probability of a greyscale and of a low-resolution face
     occluders: list[str] = field(default_factory=lambda: list(DRAWN))
@@ -136,13 +138,21 @@ class _TrunkTask(TunedEpochs):
         teacher = self.T[torch.as_tensor(idx, device=self.device), torch.as_tensor(flip.astype(np.int64), device=self.device)]
         return x.contiguous(memory_format=torch.channels_last), torch.from_numpy(masks).to(self.device), teacher
 
-    def distances(self, model, idx: np.ndarray, rng: np.random.Generator, with_identity: bool) -> torch.Tensor:
+    def distances(self, model, idx: np.ndarray, rng: np.random.Generator, train: bool) -> torch.Tensor:
+        """The three distances to the teacher; in training also the identity term and the relation term (each
+        when its weight is > 0)."""
         x, masks, t = self.draw(idx, rng)
         outs = [F.normalize(e.float(), dim=1) for e in model(x, masks)]
         d = [(1 - (o * t).sum(1)).mean() for o in outs]
-        if with_identity:
+        if train and self.use_id:
             y = self.label[torch.as_tensor(idx, device=self.device)]
             d.append(sum(F.cross_entropy(cosface_logits(o, self.centres, y, 30.0, 0.35), y) for o in outs[:2]) / 2)
+        if train and self.cfg.relation_weight > 0:
+            # the cosines between different faces kept as the teacher has them: distillation alone only pulls each
+            # face to its own clean embedding, and impostor pairs drift closer (TAR at low FAR falls)
+            off = ~torch.eye(len(t), dtype=torch.bool, device=t.device)
+            pairs = max(int(off.sum()), 1)  # a batch of one face has no pair: the term is 0
+            d.append(sum(((o @ outs[1].T - t @ t.T)[off] ** 2).sum() / pairs for o in outs[:2]) / 2)
         return torch.stack(d)
 
     @torch.no_grad()
@@ -161,8 +171,10 @@ class _TrunkTask(TunedEpochs):
         idx = plan[i * b:(i + 1) * b][procs.rank::procs.world].numpy()
         epoch = len(self.history)
         rng = np.random.default_rng([self.cfg.seed, 1, epoch, i, procs.rank])
-        d = self.distances(model, idx, rng, self.use_id)
-        loss = d[:3].sum() + (self.cfg.identity_weight * d[3] if self.use_id else 0)
+        d = self.distances(model, idx, rng, True)
+        weights = [1.0, 1.0, 1.0] + [self.cfg.identity_weight] * self.use_id + [self.cfg.relation_weight] * (
+            self.cfg.relation_weight > 0)
+        loss = (d * torch.tensor(weights, device=d.device)).sum()
         return loss, torch.cat([loss.detach().view(1), d.detach()])
 
 
@@ -205,6 +217,8 @@ def _finetune_trunk(cfg: FinetuneTrunkConfig, procs: Processes, progress, log) -
     embedder = Embedder.load(None, cfg.weights, cfg.dict_path, device=device, block_threshold=cfg.block_threshold)
     trunk, point = embedder.trunk, embedder.point
     tuned = trunk.parameters_from(cfg.from_stage)
+    if not cfg.relation_weight >= 0:
+        raise BadInputError(f"--relation-weight must be ≥ 0, got {cfg.relation_weight}")
     if not set(tuned) - set(trunk.head_parameters(point)):
         raise BadInputError(f"--from-stage {cfg.from_stage} lies after the mask point {point}: that is the head alone "
                             "(pdsn finetune --pairs)")
@@ -242,7 +256,8 @@ def _finetune_trunk(cfg: FinetuneTrunkConfig, procs: Processes, progress, log) -
         "tuned_parameters": len(state), "tuned_parameter_count": int(sum(v.size for v in state.values())),
         "epochs": cfg.epochs, "held_out_before": before, "history": task.history, "kept_epoch": best_epoch,
         "distance_names": ["masked occluded", "masked clean", "unmasked clean"],
-        "train_loss_names": ["masked occluded", "masked clean", "unmasked clean"] + (["identity"] if task.use_id else []),
+        "train_loss_names": ["masked occluded", "masked clean", "unmasked clean"] + (["identity"] if task.use_id else [])
+        + (["relation"] if cfg.relation_weight > 0 else []),
         "identity_weight": cfg.identity_weight, "resumed_from": run.resumed_from,
         "seconds": round(time.perf_counter() - t0, 1),
     }
