@@ -63,7 +63,7 @@ def test_embed_with_oracle_applies_the_and_of_the_occluded_blocks_entries_and_th
     path, fdm, head = hand_dict
     emb = Embedder.load("tiny", tiny_weights, path)
     assert emb.header() == {"trunk": "tiny", "mask_point": "stage3", "dictionary": str(path),
-                            "finetuned_head": True, "occlusion_source": "oracle"}
+                            "finetuned_head": True, "finetuned_trunk": False, "occlusion_source": "oracle"}
     n = len(chips)
     occ = np.zeros((n, GRID, GRID), np.float32)
     occ.reshape(n, -1)[0, [3, 17]] = 0.6  # two blocks
