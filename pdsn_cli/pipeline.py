@@ -130,8 +130,9 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     say(f"3/{n} build-dict τ={cfg.tau}")
     dictionary = build([cfg.work / "blocks" / "all.pt"], cfg.work / "dict.h5", tau=cfg.tau)
     dict_path, tuned = cfg.work / "dict.h5", None
-    if cfg.finetune_epochs or cfg.export_model is not None:
+    if cfg.finetune_epochs and cfg.tune == "head" or cfg.export_model is not None:
         # random objects (sunglasses, scarves, hands, ...): what the head is tuned on and the detector learns
+        # (the trunk's fine-tune draws its own)
         make_pairs(MakePairsConfig(
             out=cfg.work / "pairs-random.h5", data=data, occluder="random", template=trunk.template,
             per_image=2 * cfg.per_image, identities=identities, limit=cfg.train_limit, seed=cfg.seed + 1,
