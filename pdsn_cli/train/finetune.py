@@ -202,6 +202,24 @@ def identity_classes(names: list[str], tr: np.ndarray, clean: torch.Tensor) -> t
     return label, F.normalize(centres, dim=1)
 
 
+def train_and_write(task: TunedEpochs, cfg, procs: Processes, progress, fmt: str, **attrs):
+    """Run a fine-tune's ``task`` (checkpoints at ``<out>.ckpt``, resumable with the same settings), then write the
+    dictionary with the best epoch's tuned parameters (rank 0) and drop the checkpoint; returns (outcome, the
+    kept epoch, its state)."""
+    ckpt = Path(str(cfg.out) + ".ckpt")
+    settings = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "gpu", "resume")}
+    run = train(task, procs, Checkpoints(ckpt, fmt, resume=cfg.resume, must_match=settings), progress,
+                stage="fine-tune")
+    _, best_epoch, state = task.best
+    if procs.main:
+        write_tuned(cfg.dict_path, cfg.out, state, epochs=cfg.epochs, kept_epoch=best_epoch, lr=cfg.lr,
+                    batch_size=cfg.batch_size, seed=cfg.seed, trunk_weights=str(cfg.weights or ""),
+                    identity_weight=cfg.identity_weight, **attrs)
+        ckpt.unlink(missing_ok=True)
+    procs.barrier()
+    return run, best_epoch, state
+
+
 def write_tuned(dict_path: Path, out: Path, state: dict, **attrs) -> None:
     """The dictionary ``dict_path`` again at ``out`` (atomically), its ``head`` group holding the tuned ``state``."""
     with atomic_output(out) as tmp:
@@ -304,19 +322,10 @@ def _finetune(cfg: FinetuneConfig, procs: Processes, progress, log) -> dict:
     task = _FinetuneTask(cfg, student, point, trained, (FC, CI, FO, M, MI, T), label, centres, tr, ho, procs, log)
     before = task.held_out()
     use_id = task.use_id
-    ckpt = Path(str(cfg.out) + ".ckpt")
-    settings = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "gpu", "resume")}
-    run = train(task, procs, Checkpoints(ckpt, CHECKPOINT_FORMAT, resume=cfg.resume, must_match=settings), progress,
-                stage="fine-tune")
-    _, best_epoch, state = task.best
-    if procs.main:
-        write_tuned(cfg.dict_path, cfg.out, state, pairs=str([str(p) for p in cfg.pairs]), epochs=cfg.epochs,
-                    kept_epoch=best_epoch, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                    trunk_weights=str(cfg.weights or ""), identity_weight=cfg.identity_weight,
-                    objective="cosine distillation to the frozen clean embedding"
-                    + (" + CosFace among the training identities" if use_id else ""))
-        ckpt.unlink(missing_ok=True)
-    procs.barrier()
+    run, best_epoch, state = train_and_write(
+        task, cfg, procs, progress, CHECKPOINT_FORMAT, pairs=str([str(p) for p in cfg.pairs]),
+        objective="cosine distillation to the frozen clean embedding"
+        + (" + CosFace among the training identities" if use_id else ""))
     return {
         "out": str(cfg.out), "dictionary": str(cfg.dict_path), "trunk": trunk.name, "mask_point": point,
         "pairs": int(n), "held_out_pairs": int(len(ho)), "held_out_identities": len({names[i] for i in ho}),

@@ -22,7 +22,6 @@ embeddings then run the tuned trunk, the baseline the untouched one (``Embedder`
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,8 @@ from pdsn_cli.pdsn.embedder import Embedder
 from pdsn_cli.pdsn.fdm import mirror_blocks
 from pdsn_cli.pdsn.mask_generator import cosface_logits
 from pdsn_cli.train import augment
-from pdsn_cli.train.finetune import TunedEpochs, check_common, identity_classes, write_tuned
-from pdsn_cli.train.loop import Checkpoints, Processes, steps_per_epoch, train
+from pdsn_cli.train.finetune import TunedEpochs, check_common, identity_classes, train_and_write
+from pdsn_cli.train.loop import Processes, steps_per_epoch
 from pdsn_cli.train.splits import holdout_identities
 
 CHECKPOINT_FORMAT = "pdsn-finetune-trunk"
@@ -235,19 +234,10 @@ def _finetune_trunk(cfg: FinetuneTrunkConfig, procs: Processes, progress, log) -
     label, centres = identity_classes(faces.names, tr, teacher[:, 0])
     task = _TrunkTask(cfg, embedder, student, trained, faces, teacher, label, centres, tr, ho, procs, log)
     before = task.held_out()
-    ckpt = Path(str(cfg.out) + ".ckpt")
-    settings = {k: str(v) for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "gpu", "resume")}
-    run = train(task, procs, Checkpoints(ckpt, CHECKPOINT_FORMAT, resume=cfg.resume, must_match=settings), progress,
-                stage="fine-tune")
-    _, best_epoch, state = task.best
-    if procs.main:
-        write_tuned(cfg.dict_path, cfg.out, state, faces=str([str(p) for p in cfg.faces]), from_stage=cfg.from_stage,
-                    epochs=cfg.epochs, kept_epoch=best_epoch, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                    trunk_weights=str(cfg.weights or ""), identity_weight=cfg.identity_weight,
-                    objective="cosine distillation to the frozen clean embedding, occlusions drawn fresh"
-                    + (" + CosFace among the training identities" if task.use_id else ""))
-        ckpt.unlink(missing_ok=True)
-    procs.barrier()
+    run, best_epoch, state = train_and_write(
+        task, cfg, procs, progress, CHECKPOINT_FORMAT, faces=str([str(p) for p in cfg.faces]),
+        from_stage=cfg.from_stage, objective="cosine distillation to the frozen clean embedding, occlusions drawn fresh"
+        + (" + CosFace among the training identities" if task.use_id else ""))
     return {
         "out": str(cfg.out), "dictionary": str(cfg.dict_path), "trunk": trunk.name, "mask_point": point,
         "from_stage": cfg.from_stage, "face_sets": faces.sets, "faces": len(faces.names),
