@@ -424,3 +424,47 @@ def test_several_face_sets_keep_their_people_apart(face_folder, tmp_path):
         names = set(pf.identity)
         assert names == {f"people/{people[0]}", f"people/{people[1]}"} | {f"more/{p}" for p in people}
         assert all(s.split("/")[0] in ("people", "more") for s in pf.chip_source)
+
+
+_LAZY = None
+
+
+def _read_lazy(index):
+    return _LAZY[index]
+
+
+def test_lazy_chips_read_what_loading_reads(face_folder, tmp_path):
+    """make-pairs leaves the chips in the cache's shards (StoredImages): every way of indexing them, in this process
+    and in a forked one, and two sets joined, gives the pixels an in-memory load gives."""
+    import multiprocessing as mp
+    import pickle
+    import shutil
+
+    from pdsn_cli.data.chip_cache import DataSpec, load_chips, load_face_sets
+    from pdsn_cli.data.chips_h5 import StoredImages
+
+    eager, _ = load_chips(DataSpec(face_folder), "arc112x96")
+    lazy, _ = load_chips(DataSpec(face_folder), "arc112x96", lazy=True)
+    assert isinstance(lazy.image, StoredImages) and lazy.image.shape == eager.image.shape
+    n = len(eager)
+    assert np.array_equal(lazy.image[3], eager.image[3]) and np.array_equal(lazy.image[-1], eager.image[-1])
+    pick = np.array([n - 1, 0, 2, 2, 1])  # unsorted, repeated
+    mask = np.arange(n) % 2 == 0
+    for index in (slice(None), slice(1, n, 2), pick, mask):
+        assert np.array_equal(lazy.image[index], eager.image[index])
+    assert np.array_equal(np.asarray(lazy.image), eager.image)
+    assert np.array_equal(lazy.landmarks, eager.landmarks) and lazy.source == eager.source
+    with pytest.raises(IndexError):
+        lazy.image[n]
+    global _LAZY
+    _LAZY = lazy.image
+    lazy.image[0]  # a file open here when forking: the child opens its own (make-pairs' workers)
+    with mp.get_context("fork").Pool(1) as pool:
+        assert np.array_equal(pool.apply(_read_lazy, (pick,)), eager.image[pick])
+    assert np.array_equal(pickle.loads(pickle.dumps(lazy.image))[pick], eager.image[pick])  # spawned workers
+
+    other = tmp_path / "more"
+    shutil.copytree(face_folder, other)
+    both, _ = load_face_sets([DataSpec(face_folder), DataSpec(other)], "arc112x96", lazy=True)
+    assert isinstance(both.image, StoredImages) and len(both.image.paths) >= 2
+    assert np.array_equal(both.image[:], np.concatenate([eager.image, eager.image]))

@@ -31,7 +31,7 @@ from pdsn_cli.align.aligner import FaceAligner, resolve_face_detector
 from pdsn_cli.align.batch_align import DETECTED, UNREADABLE, BatchAligner
 from pdsn_cli.align.templates import align_with_points, get_template
 from pdsn_cli.atomic import atomic_output, check_writable, interrupt_between_steps
-from pdsn_cli.data.chips_h5 import ALIGNED_DETECTED, ALIGNED_FALLBACK, ALIGNED_KNOWN, Chips, ChipsWriter
+from pdsn_cli.data.chips_h5 import ALIGNED_DETECTED, ALIGNED_FALLBACK, ALIGNED_KNOWN, Chips, ChipsWriter, StoredImages
 from pdsn_cli.data.faces import (TRANSIENT_REASONS, BadImage, FaceItem, Skipped, list_identity_folder,
                                   max_decode_bytes, read_image)
 from pdsn_cli.data.h5util import open_for_writing, read_rows
@@ -333,16 +333,16 @@ class ChipCache:
             self._resolved[rel] = CacheEntry(final, i, tuple(stamps[rel]), mtime_ns)
 
     def ensure_and_load(self, items: list[FaceItem], skipped: list[Skipped] = (), workers: int = 1,
-                        progress=None, what: str = "the images") -> tuple[Chips, AlignReport]:
-        """Align what is missing, then load every readable item in order; ``skipped`` (found while listing)
-        is reported with the files that failed to decode."""
+                        progress=None, what: str = "the images", lazy: bool = False) -> tuple[Chips, AlignReport]:
+        """Align what is missing, then load every readable item in order (``lazy``: see ``load``); ``skipped``
+        (found while listing) is reported with the files that failed to decode."""
         rep = self.ensure(items, workers=workers, progress=progress)
         rep.skipped = list(skipped) + rep.skipped
         bad = {s.path for s in rep.skipped}
         good = [it.path for it in items if it.path not in bad]
         if not good:
             raise BadInputError(f"none of {what} could be read")
-        return self.load(good), rep
+        return self.load(good, lazy), rep
 
     def _lookup(self, sources: list[str]) -> dict[str, CacheEntry]:
         """The entry to read for each source: the one ``ensure`` chose, else the newest fresh one, else the newest."""
@@ -363,29 +363,36 @@ class ChipCache:
         idx = self._lookup(sources)
         return hashlib.sha1("|".join(f"{s}:{idx[s].shard.name}:{idx[s].row}" for s in sources).encode()).hexdigest()
 
-    def load(self, sources: list[str]) -> Chips:
-        """Chips for ``sources`` (all cached), in that order; labels index the identities in order of appearance."""
+    def load(self, sources: list[str], lazy: bool = False) -> Chips:
+        """Chips for ``sources`` (all cached), in that order; labels index the identities in order of appearance.
+        ``lazy``: the images stay in the cache's shards (``StoredImages``), read when indexed."""
         idx = self._lookup(sources)
         h, w = self.template.size
-        image = np.empty((len(sources), h, w, 3), np.uint8)
+        image = None if lazy else np.empty((len(sources), h, w, 3), np.uint8)
         landmarks = np.empty((len(sources), 5, 2), np.float32)
         aligned_by = np.empty(len(sources), np.uint8)
         ids = np.empty(len(sources), object)
+        shard_of, row_of = np.empty(len(sources), np.int32), np.empty(len(sources), np.int64)
         by_shard: dict[Path, list[tuple[int, int]]] = {}
         for out_i, s in enumerate(sources):
             e = idx[s]
             by_shard.setdefault(e.shard, []).append((out_i, e.row))
-        for shard, pairs in by_shard.items():
+        for k, (shard, pairs) in enumerate(by_shard.items()):
             with h5py.File(shard, "r") as f:
                 ident_names = f["identity"].asstr()[()]
                 labels = f["label"][()]
                 # h5py reads strictly increasing rows: read each row once, then fan out (a source may repeat)
                 rows, back = np.unique(np.array([r for _, r in pairs]), return_inverse=True)
                 outs = np.array([o for o, _ in pairs])
-                image[outs] = read_rows(f["image"], rows)[back]
+                if lazy:
+                    shard_of[outs], row_of[outs] = k, rows[back]
+                else:
+                    image[outs] = read_rows(f["image"], rows)[back]
                 landmarks[outs] = f["landmarks"][rows][back]
                 aligned_by[outs] = f["aligned_by"][rows][back]
                 ids[outs] = ident_names[labels[rows]][back]
+        if lazy:
+            image = StoredImages(list(by_shard), shard_of, row_of, (h, w, 3))
         return chips_from_arrays(image, landmarks, list(ids), list(sources), aligned_by, self.template.name, False)
 
 
@@ -443,7 +450,10 @@ def load_chips(
     cache_dir: Path | None = None,
     progress=None,
     align_device=None,
+    lazy: bool = False,
 ) -> tuple[Chips, AlignReport]:
+    """The chips of a face set, aligned now where the cache has none; ``lazy``: images read when indexed
+    (``StoredImages``; the built-in synthetic set is always in memory)."""
     get_template(template)
     if limit is not None and limit <= 0:
         raise BadInputError(f"--limit must be positive, got {limit}")
@@ -458,7 +468,7 @@ def load_chips(
     if not items:
         raise BadInputError(f"no images found under {spec.root}" + (" for the given identities" if identities else ""))
     chips, rep = ChipCache(spec.root, template, cache_dir, align_device=align_device).ensure_and_load(
-        items, skipped, workers, progress, what=f"the {len(items)} images under {spec.root}")
+        items, skipped, workers, progress, what=f"the {len(items)} images under {spec.root}", lazy=lazy)
     rep.warnings += missing_identities_warning(identities, found)
     return chips, rep
 
@@ -474,23 +484,25 @@ def set_names(specs: list[DataSpec]) -> list[str]:
 
 def load_face_sets(specs: list[DataSpec], template: str, identities: set[str] | None = None, limit: int | None = None,
                    seed: int = 0, workers: int = 1, cache_dir: Path | None = None,
-                   progress=None) -> tuple[Chips, AlignReport]:
+                   progress=None, lazy: bool = False) -> tuple[Chips, AlignReport]:
     """``load_chips`` over several face sets, as one set whose people stay apart: with more than one set, every
     identity is ``<set>/<identity>`` (and every source ``<set>/<source>``). ``identities`` then filters the sets its
     ``<set>/<identity>`` lines name; a set no line names is used whole. ``limit``: per set."""
     if len(specs) == 1:
-        return load_chips(specs[0], template, identities, limit, seed, workers, cache_dir, progress)
+        return load_chips(specs[0], template, identities, limit, seed, workers, cache_dir, progress, lazy=lazy)
     parts, total = [], AlignReport()
     for tag, spec in zip(set_names(specs), specs):
         mine = None if identities is None else {n[len(tag) + 1:] for n in identities if n.startswith(tag + "/")}
-        chips, rep = load_chips(spec, template, mine or None, limit, seed, workers, cache_dir, progress)
+        chips, rep = load_chips(spec, template, mine or None, limit, seed, workers, cache_dir, progress, lazy=lazy)
         parts.append((tag, chips))
         for name in ("images", "aligned_now", "from_cache", "fallbacks", "several_faces", "from_landmark_files"):
             setattr(total, name, getattr(total, name) + getattr(rep, name))
         total.skipped += rep.skipped
         total.warnings += [f"{tag}: {w}" for w in rep.warnings]
+    images = [c.image for _, c in parts]
     return chips_from_arrays(
-        np.concatenate([c.image for _, c in parts]), np.concatenate([c.landmarks for _, c in parts]),
+        StoredImages.concat(images) if all(isinstance(i, StoredImages) for i in images)
+        else np.concatenate([np.asarray(i) for i in images]), np.concatenate([c.landmarks for _, c in parts]),
         [f"{tag}/{c.identity[k]}" for tag, c in parts for k in c.label],
         [f"{tag}/{src}" for tag, c in parts for src in c.source],
         np.concatenate([c.aligned_by for _, c in parts]), template, all(c.synthetic for _, c in parts)), total

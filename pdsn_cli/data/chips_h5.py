@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from pdsn_cli.data.h5util import STR, append_rows, make_growable, open_checked, read_strings, stamp
+from pdsn_cli.data.h5util import STR, append_rows, make_growable, open_checked, read_rows, read_strings, stamp
 
 KIND = "chips"
 SCHEMA = 1
@@ -80,6 +80,60 @@ class ChipsWriter:
         if "identity" in self.f:
             del self.f["identity"]
         self.f.create_dataset("identity", data=np.array(self.identity, dtype=object), dtype=STR)
+
+
+class StoredImages:
+    """Images left where they are stored: image ``i`` is row ``row[i]`` of the ``image`` dataset of the HDF5 file
+    ``paths[file[i]]`` (chip-cache shards), read when indexed — an int gives one image, a slice, index array or
+    boolean mask a stack. Holds ~12 bytes an image instead of its pixels (67.5 KB at 150×150), so a face set of any
+    size loads; each process opens the files it reads itself (so it works in forked workers)."""
+
+    def __init__(self, paths: list[str | os.PathLike], file, row, image_shape: tuple[int, ...]):
+        self.paths = [str(p) for p in paths]
+        self.file, self.row = np.asarray(file, np.int32), np.asarray(row, np.int64)
+        self.shape, self.dtype, self.ndim = (len(self.row), *image_shape), np.dtype(np.uint8), 1 + len(image_shape)
+        self._pid, self._open = None, {}
+
+    @classmethod
+    def concat(cls, parts: list["StoredImages"]) -> "StoredImages":
+        paths = list(dict.fromkeys(p for part in parts for p in part.paths))
+        where = {p: k for k, p in enumerate(paths)}
+        file = np.concatenate([np.array([where[p] for p in part.paths], np.int32)[part.file] for part in parts])
+        return cls(paths, file, np.concatenate([part.row for part in parts]), parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _images(self, k: int) -> h5py.Dataset:
+        if self._pid != os.getpid():  # handles inherited through fork are the parent's: open our own
+            self._pid, self._open = os.getpid(), {}
+        if k not in self._open:
+            self._open[k] = h5py.File(self.paths[k], "r")["image"]
+        return self._open[k]
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            i = range(len(self))[index]  # an IndexError out of bounds, as an array's
+            return self._images(int(self.file[i]))[self.row[i]]
+        idx = np.arange(len(self))[index]
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        for k in np.unique(self.file[idx]):
+            sel = np.flatnonzero(self.file[idx] == k)
+            rows, back = np.unique(self.row[idx[sel]], return_inverse=True)  # h5py reads increasing rows
+            out[sel] = read_rows(self._images(int(k)), rows)[back]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def __getstate__(self):  # picklable (spawned workers): the open files stay behind
+        return {**self.__dict__, "_pid": None, "_open": {}}
+
+    def close(self) -> None:
+        """Close the files this process opened (they reopen when indexed again): before forking workers."""
+        for ds in self._open.values():
+            ds.file.close()
+        self._open = {}
 
 
 class LazyRows:
