@@ -198,3 +198,31 @@ def test_train_block_under_torchrun_two_processes(block_pairs, tiny_weights, tmp
     mean, _ = mean_block_masks(gen, feats, list(range(25)), torch.device("cpu"))
     # the saved means (summed over the two shards) are the means over all pairs
     np.testing.assert_allclose(st["mean_masks"].numpy(), mean, atol=1e-5)
+
+
+def test_train_block_on_faces_draws_the_pairs_file_rows(block_pairs, trained_blocks, tiny_weights, tmp_path):
+    """train-block --faces on a chips file of the same faces draws make-pairs' rows (occluded chips bit for bit)
+    and trains the same generators and mean masks as train-block --pairs on make-pairs' file; --pairs and
+    --faces together are refused."""
+    from pdsn_cli.data.chip_cache import DataSpec, export_chips
+    from pdsn_cli.data.drawn_pairs import drawn_block_pairs
+    from pdsn_cli.data.pairs_h5 import PairsFile
+
+    faces = tmp_path / "faces.h5"
+    export_chips(DataSpec(None, 4, 3), "arc112x96", faces)
+    drawn = drawn_block_pairs([faces], 5, list(range(25)), seed=0)
+    with PairsFile(block_pairs) as pf:
+        assert drawn.n == pf.n and np.array_equal(drawn.target, pf.target)
+        assert np.array_equal(drawn.chip_index, pf.chip_index) and np.array_equal(drawn.label, pf.label)
+        rows = np.arange(pf.n)[::7][::-1]
+        assert np.array_equal(drawn.occluded(rows)[0], pf.occluded(rows)[0])
+        assert np.array_equal(drawn.clean(rows), pf.clean(rows))
+    out = tmp_path / "all.pt"
+    res = train_blocks(TrainBlockConfig(pairs=None, faces=[faces], out=out, trunk="tiny", weights=tiny_weights,
+                                        epochs=2, batch_size=8))
+    want, got = load_blocks_file(trained_blocks[0]), load_blocks_file(out)
+    assert res["pairs"] == trained_blocks[1]["pairs"] and res["classes"] == trained_blocks[1]["classes"]
+    assert torch.equal(got["mean_masks"], want["mean_masks"])
+    assert all(torch.equal(got["generators"][k], v) for k, v in want["generators"].items())
+    with pytest.raises(BadInputError, match="not both"):
+        train_blocks(TrainBlockConfig(pairs=block_pairs, faces=[faces], out=tmp_path / "x.pt", trunk="tiny"))

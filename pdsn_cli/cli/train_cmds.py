@@ -53,10 +53,17 @@ def resumed_row(res: dict) -> dict:
     pdsn make-pairs --block all --out blocks.h5 && pdsn train-block --pairs blocks.h5 --mask-point level1 --epochs 20 --out blocks.pt
 
     torchrun --nproc_per_node=4 -m pdsn_cli train-block --block all --gpu 0 --pairs blocks.h5   # needs torchrun and 4 GPUs
+
+    pdsn align --out faces.h5 && pdsn train-block --faces faces.h5 --out blocks.pt
+
+    pdsn train-block --faces celeba.h5 --faces lfw-train.h5 --gpu 0 --out blocks.pt   # needs aligned face sets and a GPU
 """)
 def train_block_cmd(
     block: str = typer.Option("all", "--block", help="Grid block J (0..K²-1) or 'all' (every block in one batched pass)."),
-    pairs: Optional[Path] = typer.Option(None, "--pairs", help=f"Pairs file from make-pairs --block (default: {shown_default('pairs-blocks.h5')})."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help=f"Pairs file from make-pairs --block (default without --faces: {shown_default('pairs-blocks.h5')})."),
+    faces: Optional[list[Path]] = typer.Option(None, "--faces", help="Instead of --pairs: chips files of pdsn align (repeatable; identities kept apart per set). The pairs make-pairs --block would write for them (same --seed) are drawn as they are read, never written."),
+    grid: int = typer.Option(5, "--grid", help="--faces: the K×K grid."),
+    per_image: int = typer.Option(1, "--per-image", help="--faces: occluded copies of each face per block."),
     trunk: str = TRUNK,
     weights: Optional[str] = WEIGHTS,
     mask_point: Optional[str] = typer.Option(None, "--mask-point", help="Trunk stage whose features are masked (default: the trunk's)."),
@@ -67,7 +74,7 @@ def train_block_cmd(
     lam: float = typer.Option(10.0, "--lambda", help="Weight of the L1 pair-difference term."),
     s: float = typer.Option(30.0, "--scale", help="CosFace scale s."),
     m: float = typer.Option(0.35, "--margin", help="CosFace margin m."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Training seed; with --faces also the occluders' (make-pairs --seed)."),
     gpu: Optional[int] = GPU,
     precision: str = PRECISION,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint."),
@@ -76,13 +83,16 @@ def train_block_cmd(
     quiet: bool = QUIET,
 ):
     """Train the PDSN mask generator(s) of one grid block or of all blocks at once."""
-    pairs = pairs or work_dir() / "pairs-blocks.h5"
+    if not faces:
+        pairs = pairs or work_dir() / "pairs-blocks.h5"
     tag = "all" if block == "all" else f"block{int(block):02d}" if block.isdigit() else block
     out_path = default_path(out_path, f"blocks/{tag}.pt")
     cfg = TrainBlockConfig(pairs=pairs, out=out_path, trunk=trunk, weights=weights, block=block,
                            mask_point=mask_point, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, lam=lam, s=s, m=m,
-                           seed=seed, gpu=gpu, resume=resume, precision=precision)
-    res = run_training(train_blocks, cfg, quiet, json_path, {"--pairs": pairs, "--weights": weights}, {"--out": out_path})
+                           seed=seed, gpu=gpu, resume=resume, precision=precision, faces=faces, grid=grid,
+                           per_image=per_image)
+    res = run_training(train_blocks, cfg, quiet, json_path, {"--pairs": pairs, "--faces": faces, "--weights": weights},
+                       {"--out": out_path})
     if res is None:  # a torchrun rank other than 0
         return
     h = res["history"][-1] if res["history"] else {}

@@ -544,8 +544,9 @@ def export_chips(spec: DataSpec, template: str, out: Path, identities=None, limi
                  progress=None, align_device=None) -> dict:
     """Write the aligned chips of a dataset to one chips HDF5 file (atomically)."""
     check_writable(out)
+    # lazy: chips are copied from the cache's shards 1,024 at a time, not all held in memory
     chips, rep = load_chips(spec, template, identities, limit, seed, workers, progress=progress,
-                            align_device=align_device)
+                            align_device=align_device, lazy=True)
     with atomic_output(out) as tmp:
         with open_for_writing(tmp) as f:
             wr = ChipsWriter(f, template, chips.image.shape[1:3], spec.describe(), spec.synthetic)

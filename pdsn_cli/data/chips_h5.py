@@ -101,6 +101,10 @@ class StoredImages:
         file = np.concatenate([np.array([where[p] for p in part.paths], np.int32)[part.file] for part in parts])
         return cls(paths, file, np.concatenate([part.row for part in parts]), parts[0].shape[1:])
 
+    def subset(self, index) -> "StoredImages":
+        """The images ``index`` (int array, slice or mask), still unread."""
+        return StoredImages(self.paths, self.file[index], self.row[index], self.shape[1:])
+
     def __len__(self) -> int:
         return self.shape[0]
 
@@ -136,35 +140,19 @@ class StoredImages:
         self._open = {}
 
 
-class LazyRows:
-    """The rows of one HDF5 dataset, read only when sliced (``rows[a:b]``); the file stays open for reading."""
-
-    def __init__(self, path: str | os.PathLike, name: str):
-        self._file = h5py.File(path, "r")
-        self._data = self._file[name]
-        self.shape, self.dtype = self._data.shape, self._data.dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index):
-        return self._data[index]
-
-    def close(self) -> None:
-        self._file.close()
-
-
 def read_chips(path: str | os.PathLike, select: np.ndarray | None = None, lazy_images: bool = False) -> Chips:
-    """``lazy_images``: ``image`` is a :class:`LazyRows` (slices read on demand) instead of an array in memory."""
-    if lazy_images and select is not None:
-        raise ValueError("lazy_images reads whole slices; it does not combine with select")
+    """``select``: those rows (sorted); ``lazy_images``: ``image`` is a :class:`StoredImages` (images read when
+    indexed) instead of an array in memory."""
     with open_checked(path, KIND, SCHEMA) as f:
+        n = f["image"].shape[0]
         sel = slice(None) if select is None else np.sort(np.asarray(select))
         source = read_strings(f["source"])
         if select is not None:
             source = [source[i] for i in sel]
+        rows = np.arange(n)[sel]
         return Chips(
-            image=LazyRows(path, "image") if lazy_images else f["image"][sel],
+            image=StoredImages([path], np.zeros(len(rows)), rows, f["image"].shape[1:]) if lazy_images
+            else f["image"][sel],
             landmarks=f["landmarks"][sel],
             label=f["label"][sel],
             identity=read_strings(f["identity"]),

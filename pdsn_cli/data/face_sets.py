@@ -1,6 +1,7 @@
 """Face sets for the trainers that draw occlusions themselves (``finetune --faces``, ``train-detector --faces``):
-chips files of ``pdsn align``, one per set, read into memory with each set's people kept apart as
-``<set>/<identity>`` (the set named by its file), so that two sets never share a person by accident."""
+chips files of ``pdsn align``, one per set, each set's people kept apart as ``<set>/<identity>`` (the set named by
+its file), so that two sets never share a person by accident. The images stay in the files (``StoredImages``): a
+trainer reads the faces of each batch."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pdsn_cli.data.chips_h5 import read_chips
+from pdsn_cli.data.chips_h5 import StoredImages, read_chips
 from pdsn_cli.errors import BadInputError, SchemaError
 
 
 @dataclass
 class FaceSets:
-    """The face sets' chips in memory, with identity names kept apart per set and each row's 5 landmarks."""
+    """The face sets' chips (read when indexed), identity names kept apart per set, each row's 5 landmarks."""
 
-    image: np.ndarray
+    image: StoredImages
     landmarks: np.ndarray
     names: list[str]
     sources: list[str]
@@ -29,12 +30,12 @@ class FaceSets:
 
 
 def read_face_sets(paths: list[Path], template: str | None, max_faces: int | None, seed: int) -> FaceSets:
-    """Chips files of ``pdsn align`` (one per face set), in memory; ``template`` None: the first file's."""
+    """Chips files of ``pdsn align`` (one per face set); ``template`` None: the first file's."""
     images, lms, names, sources, sets = [], [], [], [], []
     for k, path in enumerate(paths):
         if not Path(path).is_file():
             raise BadInputError(f"--faces {path} does not exist (make one with pdsn align)")
-        chips = read_chips(path)
+        chips = read_chips(path, lazy_images=True)
         template = template or chips.template
         if chips.template != template:
             raise SchemaError(f"{path} holds {chips.template} chips; the other inputs are {template}")
@@ -44,10 +45,10 @@ def read_face_sets(paths: list[Path], template: str | None, max_faces: int | Non
         # the set's name keeps its people apart from another set's: the file name, numbered if two are alike
         tag = Path(path).stem if Path(path).stem not in sets else f"{Path(path).stem}-{k}"
         sets.append(tag)
-        images.append(chips.image[sel])
+        images.append(chips.image.subset(sel))
         lms.append(chips.landmarks[sel])
         names += [f"{tag}/{chips.identity[j]}" for j in chips.label[sel]]
         sources += [f"{tag}/{chips.source[j]}" for j in sel]
     if not names:
         raise BadInputError("the --faces files hold no faces")
-    return FaceSets(np.concatenate(images), np.concatenate(lms), names, sources, sets, template)
+    return FaceSets(StoredImages.concat(images), np.concatenate(lms), names, sources, sets, template)

@@ -1,4 +1,5 @@
-"""``pdsn train-block``: PDSN's mask generators trained on (clean, occluded) pairs of a make-pairs file.
+"""``pdsn train-block``: PDSN's mask generators trained on (clean, occluded) pairs of a make-pairs file, or on the
+same pairs drawn from face sets as they are read (``--faces``: ``pdsn_cli.data.drawn_pairs``).
 
 The generators and their loss are the method's (``pdsn_cli.pdsn.mask_generator``); this module feeds them.
 The classifier of the loss is frozen: its class weights are the normalised mean clean embeddings of the training
@@ -27,7 +28,9 @@ from pdsn_cli.accel import autocast, check_precision, use_bf16
 from pdsn_cli.atomic import atomic_output, check_resumable, check_writable
 from pdsn_cli.data import pairs_h5
 from pdsn_cli.data.chip_cache import default_cache_dir
+from pdsn_cli.data.drawn_pairs import DrawnPairs, drawn_block_pairs
 from pdsn_cli.data.make_pairs import parse_blocks
+from pdsn_cli.align.templates import get_template
 from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
 from pdsn_cli.pdsn.mask_generator import CKPT_KIND, MaskGenerators, load_blocks_file, mean_block_masks, pdsn_loss
 from pdsn_cli.train.loop import Checkpoints, Processes, Task, train
@@ -44,7 +47,7 @@ __all__ = ["TrainBlockConfig", "train_blocks", "PairFeatures", "pair_features", 
 
 @dataclass
 class TrainBlockConfig:
-    pairs: Path
+    pairs: Path | None  # a make-pairs --block file; None with ``faces``
     out: Path
     trunk: str = "dlib-resnet"
     weights: str | None = None
@@ -63,6 +66,30 @@ class TrainBlockConfig:
     gpu: int | None = None
     resume: bool = False
     precision: str = "bf16"  # CUDA only: bf16 autocast, features cached in GPU memory as bf16
+    #: chips files of ``pdsn align``: the pairs make-pairs would write for them, drawn as they are read (with
+    #: ``seed`` as make-pairs' seed, ``grid``, ``per_image``), instead of ``pairs``
+    faces: list[Path] | None = None
+    grid: int = 5
+    per_image: int = 1
+
+
+def open_training_pairs(cfg: TrainBlockConfig):
+    """The pairs to train on: the pairs file, or the face sets' drawn pairs (``DrawnPairs``); a context manager."""
+    if not cfg.faces:
+        if cfg.pairs is None:
+            raise BadInputError("give --pairs (a make-pairs --block file) or --faces (chips files of pdsn align)")
+        return pairs_h5.PairsFile(cfg.pairs)
+    if cfg.pairs is not None:
+        raise BadInputError("give either --pairs or --faces, not both")
+    if cfg.per_image < 1:
+        raise BadInputError(f"--per-image must be ≥ 1, got {cfg.per_image}")
+    blocks = parse_blocks(cfg.block, cfg.grid)
+    pairs = drawn_block_pairs(cfg.faces, cfg.grid, blocks, cfg.seed, cfg.per_image)
+    size = get_template(pairs.attrs["template"]).size
+    if min(size) // cfg.grid < 4:
+        raise BadInputError(f"--grid {cfg.grid} does not fit the {size[0]}×{size[1]} chips of {pairs.path} "
+                            f"(blocks would be under 4 px)")
+    return pairs
 
 
 @dataclass
@@ -77,16 +104,18 @@ class PairFeatures:
     num_classes: int  # identities in the pairs file (not all need be among the rows read)
 
 
-def pair_features(trunk, pairs_path: Path, point: str, device, progress=None, rows=None,
+def pair_features(trunk, pairs_path, point: str, device, progress=None, rows=None,
                   precision: str = "bf16", alloc=None) -> PairFeatures:
     """Trunk features of the pairs in ``rows`` (all when None; sorted). Chips are read (clean ones once per chip)
     and occluded ones regenerated batch by batch, so memory holds one batch of chips and the features. On CUDA
     they stay in GPU memory when they fit (bf16 with ``precision="bf16"``), so training never copies features
     between host and device. ``alloc(what, shape)``: where the features of the ``"clean"`` and ``"occluded"`` chips
-    go on the host (memory-mapped files; default new arrays)."""
-    with pairs_h5.PairsFile(pairs_path) as pf:
+    go on the host (memory-mapped files; default new arrays). ``pairs_path``: a pairs file, or pairs already open
+    (``open_training_pairs``)."""
+    opened = isinstance(pairs_path, (str, Path))
+    with pairs_h5.PairsFile(pairs_path) if opened else contextlib.nullcontext(pairs_path) as pf:
         if pf.attrs["template"] != trunk.template:
-            raise SchemaError(f"{pairs_path} was made for template {pf.attrs['template']}, trunk {trunk.name} needs "
+            raise SchemaError(f"{pf.path} was made for template {pf.attrs['template']}, trunk {trunk.name} needs "
                               f"{trunk.template} (make-pairs --template {trunk.template})")
         rows = np.arange(pf.n) if rows is None else np.sort(np.asarray(rows, np.int64))
         # clean chips once each, in the order the rows first name them
@@ -116,7 +145,7 @@ def _fits_on_device(nbytes: int, device) -> bool:
     return nbytes < 0.6 * free  # the rest: trunk, generators, activations of a training step
 
 
-def cached_pair_features(trunk, weights, pairs_path: Path, point: str, device, rows, progress=None,
+def cached_pair_features(trunk, weights, pairs_path, point: str, device, rows, progress=None,
                          precision: str = "bf16") -> PairFeatures:
     """pair_features, memoised on disk in the cache folder by pairs file identity, trunk, weights and rows: the
     trunk runs once per pairs file however many times the generators are retrained (``finetune`` reuses them).
@@ -126,12 +155,15 @@ def cached_pair_features(trunk, weights, pairs_path: Path, point: str, device, r
     if (weights is None and trunk.name != "dlib-resnet") or device.type == "cuda":
         # a random init: nothing worth reusing; CUDA: features live in GPU memory, recomputing beats a disk round trip
         return pair_features(trunk, pairs_path, point, device, progress, rows, precision)
-    st = Path(pairs_path).stat()
     wst = Path(weights).stat() if weights is not None else None
-    key = hashlib.sha1(repr(("v3", str(Path(pairs_path).resolve()), st.st_size, st.st_mtime_ns, trunk.name, str(weights),
-                             wst and (wst.st_size, wst.st_mtime_ns), point, np.asarray(rows).tobytes())
-                            ).encode()).hexdigest()[:16]
-    base = default_cache_dir() / "features" / f"{Path(pairs_path).stem}-{trunk.name}-{point}-{key}"
+    if isinstance(pairs_path, DrawnPairs):
+        what, stem = (pairs_path.cache_key(),), f"drawn-{pairs_path.files[0].stem}"
+    else:
+        st = Path(pairs_path).stat()
+        what, stem = (str(Path(pairs_path).resolve()), st.st_size, st.st_mtime_ns), Path(pairs_path).stem
+    key = hashlib.sha1(repr(("v3", *what, trunk.name, str(weights), wst and (wst.st_size, wst.st_mtime_ns), point,
+                             np.asarray(rows).tobytes())).encode()).hexdigest()[:16]
+    base = default_cache_dir() / "features" / f"{stem}-{trunk.name}-{point}-{key}"
     meta = Path(f"{base}.npz")
     big = {w: Path(f"{base}.{w}.npy") for w in ("clean", "occluded")}
     if meta.exists() and all(p.exists() for p in big.values()):
@@ -259,14 +291,17 @@ def _train_blocks(cfg: TrainBlockConfig, procs: Processes, progress, log) -> dic
     check_training_options(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr)
     if cfg.optimizer not in ("sgd", "adam"):
         raise BadInputError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
-    with pairs_h5.PairsFile(cfg.pairs) as pf:
-        grid = pf.grid
+    training_pairs = open_training_pairs(cfg)
+    with training_pairs as pf:
+        grid, name = pf.grid, pf.path
         targets = pf.target
         sources = np.array(pf.source, dtype=object) if procs.distributed else None
+    # drawn pairs are read from the object; a pairs file is opened again where it is read
+    pairs_in = training_pairs if cfg.faces else cfg.pairs
     blocks = parse_blocks(cfg.block, grid)
     missing = [j for j in blocks if not (targets == j).any()]
     if missing:
-        raise BadInputError(f"{cfg.pairs} has no pairs for block(s) {missing}; make them with "
+        raise BadInputError(f"{name} has no pairs for block(s) {missing}; make them with "
                             f"`pdsn make-pairs --block all` (or --block J)")
     check_precision(cfg.precision)
     trunk = build_trunk(cfg.trunk, cfg.weights).to(device)
@@ -280,9 +315,9 @@ def _train_blocks(cfg: TrainBlockConfig, procs: Processes, progress, log) -> dic
         _, src = np.unique(sources[rows], return_inverse=True)
         rows = rows[src % procs.world == procs.rank]
         if not len(rows) or any(not (targets[rows] == j).any() for j in blocks):
-            raise BadInputError(f"{cfg.pairs} has too few source images for {procs.world} processes: some "
+            raise BadInputError(f"{name} has too few source images for {procs.world} processes: some "
                                 f"process would get no pairs of a block")
-    feats = cached_pair_features(trunk, cfg.weights, cfg.pairs, point, device, rows, _stage(progress, "features"),
+    feats = cached_pair_features(trunk, cfg.weights, pairs_in, point, device, rows, _stage(progress, "features"),
                                  cfg.precision)
     t_feat = time.perf_counter() - t0
     weight, remap = class_weights(trunk, feats, point, device, procs)
@@ -307,7 +342,7 @@ def _train_blocks(cfg: TrainBlockConfig, procs: Processes, progress, log) -> dic
     pairs = int(procs.all_sum(torch.tensor([len(feats.target)], device=device)).item())
     identities = len(np.unique(feats.label))
     warnings = [] if identities > 1 else [
-        f"{cfg.pairs} holds pairs of {identities} identity: the classification loss is 0 and the masks learn only "
+        f"{name} holds pairs of {identities} identity: the classification loss is 0 and the masks learn only "
         f"from the L1 term; make pairs of 2 or more identities"]
     return {
         "warnings": warnings,

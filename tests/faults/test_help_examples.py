@@ -31,8 +31,8 @@ SMALL = {
     "train-detector": {"--epochs": "1", "--batch-size": "8"},
     "pipeline": {"--train-limit": "4", "--epochs": "1", "--batch-size": "4", "--finetune-epochs": "1", "--per-image": "1", "--occluder": "scarf"},
 }
-EXPECTED_NEEDS = 36  # examples marked "# needs …" in the help texts (LFW, MegaFace, AR, CASIA, GPU, torchrun, network)
-EXPECTED_RUNNABLE = 26
+EXPECTED_NEEDS = 37  # examples marked "# needs …" in the help texts (LFW, MegaFace, AR, CASIA, GPU, torchrun, network)
+EXPECTED_RUNNABLE = 27
 
 
 def _examples(command: typer.core.TyperGroup | typer.core.TyperCommand, path: tuple[str, ...] = ()):
