@@ -313,7 +313,7 @@ def run_identification(cfg: IdentificationConfig, progress=None) -> dict:
     for vi, variant in enumerate(variants):
         occ_chips, occ = occlude_chips(pchips, all_idx, variant, embedder.grid, cfg.seed)
         f_occ = probes.feats if variant.is_clean else embedder.features([occ_chips], stage(f"{variant.name} features"))
-        shown[variant.name] = occ_chips[:: max(1, len(occ_chips) // 8)][:8]
+        shown[variant.name] = occ_chips[:: max(1, len(occ_chips) // 8)][:8].copy()  # not a view of them all
         base = Tally(sizes, cfg.ranks)
         score_group(base, probes, all_idx, embedder.plain(f_occ), gallery(None), embedder, None)
         results = {"baseline": (base, {})}
