@@ -9,7 +9,7 @@ trained on the identities that appear in no View-2 pair and evaluated on the 6,0
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pdsn_cli.eval.benchmark import BenchmarkConfig, run_benchmark
@@ -74,8 +74,8 @@ def run_pipeline(cfg: PipelineConfig, progress=None, log=None) -> dict:
     check_training_options(epochs=cfg.epochs, per_image=cfg.per_image, batch_size=cfg.batch_size)
     if cfg.tune not in ("head", "trunk"):
         raise BadInputError(f"--tune must be head or trunk, got {cfg.tune!r}")
-    if cfg.finetune_epochs is None:
-        cfg.finetune_epochs = 3 if cfg.tune == "head" else 4
+    if cfg.finetune_epochs is None:  # on a copy: the caller's config can run again with the other --tune
+        cfg = replace(cfg, finetune_epochs=3 if cfg.tune == "head" else 4)
     if cfg.finetune_epochs < 0:
         raise BadInputError(f"--finetune-epochs must be ≥ 0, got {cfg.finetune_epochs}")
     if cfg.export_model is not None and not cfg.finetune_epochs:

@@ -78,3 +78,17 @@ def test_pipeline_tunes_the_trunk_on_every_training_set(tmp_path, tiny_weights, 
     assert sets == {"synthetic", "people"}
     r = CliRunner().invoke(app, ["pipeline", "--work", str(tmp_path / "w2"), "--tune", "everything"])
     assert r.exit_code == 2 and "--tune" in r.output
+
+
+def test_run_pipeline_leaves_the_callers_config_alone(tmp_path):
+    """The fine-tune's default epochs are resolved on a copy: the same config object can run again with the
+    other --tune (and get that tune's default)."""
+    import pytest
+
+    from pdsn_cli.errors import BadInputError
+    from pdsn_cli.pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig(work=tmp_path / "w", occlusions=["no-such-occluder"])  # refused after the epochs' default
+    with pytest.raises(BadInputError):
+        run_pipeline(cfg)
+    assert cfg.finetune_epochs is None
