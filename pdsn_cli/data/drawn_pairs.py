@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pdsn_cli.data.face_sets import FaceSets, read_face_sets
-from pdsn_cli.occlusion.driver import OcclusionVariant, draw
+from pdsn_cli.data.pairs_h5 import draw_rows
+from pdsn_cli.occlusion.driver import OcclusionVariant
 
 __all__ = ["DrawnPairs", "drawn_block_pairs"]
 
@@ -71,18 +72,8 @@ class DrawnPairs:
     def occluded(self, rows, masks: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """The occluded chips of ``rows`` (any order) and, with ``masks``, their bool pixel masks, drawn now."""
         rows = np.asarray(rows, np.int64)
-        uniq, inv = np.unique(self.chip_index[rows], return_inverse=True)
-        chips = self.chips(uniq)
-        h, w = self.attrs["height"], self.width
-        out = np.empty((len(rows), h, w, 3), np.uint8)
-        mout = np.empty((len(rows), h, w), bool) if masks else None
-        for n, (r, u) in enumerate(zip(rows, inv.reshape(-1))):
-            o = draw(chips[u], self.chip_landmarks[self.chip_index[r]], OcclusionVariant("block", int(self.target[r])),
-                     self.seed, int(self.draw_n[r]), self.grid)
-            out[n] = o.image
-            if masks:
-                mout[n] = o.mask
-        return out, mout
+        return draw_rows(self, rows, [OcclusionVariant("block", int(self.target[r])) for r in rows],
+                         np.full(len(rows), self.seed), self.draw_n[rows], masks)
 
     def cache_key(self) -> str:
         """What the rows depend on: the files (path, size, time), the faces taken, grid, blocks, seed, repeats."""

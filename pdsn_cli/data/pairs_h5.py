@@ -419,29 +419,20 @@ class PairsFile:
 
     def _draw(self, rows: np.ndarray, masks: bool) -> tuple[np.ndarray, np.ndarray | None]:
         keys = self._keys
-        cidx = self.chip_index[rows]
-        uniq, inv = np.unique(cidx, return_inverse=True)
-        chips = self.chips(uniq)
-        lms = self.chip_landmarks[uniq]
-        h, w = chips.shape[1:3] if len(uniq) else (int(self.attrs["height"]), self.width)
-        out = np.empty((len(rows), h, w, 3), np.uint8)
-        mout = np.empty((len(rows), h, w), bool) if masks else None
         names = self._names
-        for n, (r, u) in enumerate(zip(rows, inv.reshape(-1))):
-            occ, seed, k, tgt, crc = keys[0][r], keys[1][r], keys[2][r], keys[3][r], keys[4][r]
-            if seed < 0:
-                raise SchemaError(f"{self.path} row {r} has no draw key and its occluded chip is not stored")
-            o = draw(chips[u], lms[u], OcclusionVariant(names[occ], None if tgt < 0 else int(tgt)), int(seed),
-                     int(k), self.grid)
-            if occluded_checksum(o.image) != crc:
+        if len(rows) and (keys[1][rows] < 0).any():
+            r = rows[keys[1][rows] < 0][0]
+            raise SchemaError(f"{self.path} row {r} has no draw key and its occluded chip is not stored")
+
+        def check(n: int, image: np.ndarray) -> None:
+            r = rows[n]
+            if occluded_checksum(image) != keys[4][r]:
                 raise SchemaError(
                     f"{self.path} row {r}: the occluder drawn now differs from the one make-pairs drew (file made "
                     f"by pdsn {self.attrs.get('tool_version')}: its occluders were drawn differently); remake the "
                     f"file with this version, or use that version")
-            out[n] = o.image
-            if masks:
-                mout[n] = o.mask
-        return out, mout
+        variants = [OcclusionVariant(names[keys[0][r]], None if keys[3][r] < 0 else int(keys[3][r])) for r in rows]
+        return draw_rows(self, rows, variants, keys[1][rows], keys[2][rows], masks, check)
 
     @cached_property
     def _keys(self):
@@ -480,6 +471,27 @@ class PairsFile:
         rows = _sorted_rows(rows, self.n)
         for a in range(0, len(rows), batch):
             yield self.read(rows[a:a + batch], images=images, masks=masks, clean=clean, occluded=occluded)
+
+
+def draw_rows(pairs, rows: np.ndarray, variants: list, seeds, draws, masks: bool, check=None):
+    """The occluded chips of ``rows`` of ``pairs`` (a PairsFile or a ``DrawnPairs``: ``chip_index``, ``chips``,
+    ``chip_landmarks``, ``grid``) drawn now — row ``rows[n]`` with ``variants[n]``, ``seeds[n]``, ``draws[n]``
+    — and, with ``masks``, their pixel masks; ``check(n, image)`` may refuse a drawn chip. Each chip is read once."""
+    cidx = pairs.chip_index[rows]
+    uniq, inv = np.unique(cidx, return_inverse=True)
+    chips = pairs.chips(uniq)
+    lms = pairs.chip_landmarks[uniq]
+    h, w = chips.shape[1:3] if len(uniq) else (int(pairs.attrs["height"]), pairs.width)
+    out = np.empty((len(rows), h, w, 3), np.uint8)
+    mout = np.empty((len(rows), h, w), bool) if masks else None
+    for n, u in enumerate(inv.reshape(-1)):
+        o = draw(chips[u], lms[u], variants[n], int(seeds[n]), int(draws[n]), pairs.grid)
+        if check is not None:
+            check(n, o.image)
+        out[n] = o.image
+        if masks:
+            mout[n] = o.mask
+    return out, mout
 
 
 class LazyRows:
