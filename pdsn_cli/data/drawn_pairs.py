@@ -77,7 +77,7 @@ class DrawnPairs:
 
     def cache_key(self) -> str:
         """What the rows depend on: the files (path, size, time), the faces taken, grid, blocks, seed, repeats."""
-        stats = [(str(p.resolve()), *(lambda st: (st.st_size, st.st_mtime_ns))(os.stat(p))) for p in self.files]
+        stats = [(str(p.resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.files]
         picked = hashlib.sha1("\n".join(self.faces.sources).encode("utf-8", "surrogateescape")).hexdigest()
         return repr(("drawn-v1", stats, picked, self.grid, self.blocks, self.seed, self.per_image))
 

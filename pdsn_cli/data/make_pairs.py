@@ -73,12 +73,18 @@ def parse_blocks(block: str | None, grid: int) -> list[int] | None:
     return [j]
 
 
+def check_grid(grid: int, template: str) -> None:
+    """A K×K grid must leave blocks of 4 px or more on the template's chip."""
+    t = get_template(template)
+    if grid < 1 or min(t.size) // grid < 4:
+        raise BadInputError(f"--grid {grid} does not fit the {t.size[0]}×{t.size[1]} {template} chip "
+                            f"(blocks would be under 4 px)")
+
+
 def validate(cfg: MakePairsConfig) -> list[tuple[str, int]]:
     """Check every argument before any work; returns the (kind, block) list each image gets."""
+    check_grid(cfg.grid, cfg.template)
     t = get_template(cfg.template)
-    if cfg.grid < 1 or min(t.size) // cfg.grid < 4:
-        raise BadInputError(f"--grid {cfg.grid} does not fit the {t.size[0]}×{t.size[1]} {cfg.template} chip "
-                            f"(blocks would be under 4 px)")
     if cfg.per_image < 1:
         raise BadInputError(f"--per-image must be ≥ 1, got {cfg.per_image}")
     if cfg.workers < 1:

@@ -29,8 +29,7 @@ from pdsn_cli.atomic import atomic_output, check_resumable, check_writable
 from pdsn_cli.data import pairs_h5
 from pdsn_cli.data.chip_cache import default_cache_dir
 from pdsn_cli.data.drawn_pairs import DrawnPairs, drawn_block_pairs
-from pdsn_cli.data.make_pairs import parse_blocks
-from pdsn_cli.align.templates import get_template
+from pdsn_cli.data.make_pairs import check_grid, parse_blocks
 from pdsn_cli.errors import BadInputError, SchemaError, check_training_options
 from pdsn_cli.pdsn.mask_generator import CKPT_KIND, MaskGenerators, load_blocks_file, mean_block_masks, pdsn_loss
 from pdsn_cli.train.loop import Checkpoints, Processes, Task, train
@@ -85,10 +84,7 @@ def open_training_pairs(cfg: TrainBlockConfig):
         raise BadInputError(f"--per-image must be ≥ 1, got {cfg.per_image}")
     blocks = parse_blocks(cfg.block, cfg.grid)
     pairs = drawn_block_pairs(cfg.faces, cfg.grid, blocks, cfg.seed, cfg.per_image)
-    size = get_template(pairs.attrs["template"]).size
-    if min(size) // cfg.grid < 4:
-        raise BadInputError(f"--grid {cfg.grid} does not fit the {size[0]}×{size[1]} chips of {pairs.path} "
-                            f"(blocks would be under 4 px)")
+    check_grid(cfg.grid, pairs.attrs["template"])
     return pairs
 
 
